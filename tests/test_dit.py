@@ -1,0 +1,156 @@
+"""The causal DiT and its KV cache: cached generation equals the full-sequence forward; causality; long play."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worldmodel.config import dit_config
+from worldmodel.dit import CausalDiT
+from worldmodel.flow import sampling_levels
+from worldmodel.sampler import generate_chunk
+
+TOL = dict(atol=2e-5, rtol=1e-4)  # float32, different summation orders
+
+
+def make_model(seed: int = 0, **over) -> CausalDiT:
+    torch.manual_seed(seed)
+    cfg = dit_config("tiny", in_channels=4, latent_size=(4, 4), num_actions=4, **over)
+    model = CausalDiT(cfg).eval()
+    # adaLN-Zero makes a fresh model ignore most of its input: randomise every weight so the tests bite
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("frames_per_chunk,sinks,window", [(1, 1, 3), (2, 2, 2), (1, 0, 2)])
+def test_cached_generation_equals_full_forward(frames_per_chunk, sinks, window):
+    """Generate chunk by chunk with the cache (sinks + window active well past the window), record every
+    denoiser call, then replay the same inputs through the teacher-forcing pack in one forward."""
+    model = make_model(frames_per_chunk=frames_per_chunk, sink_chunks=sinks, window_chunks=window)
+    cfg = model.cfg
+    n_chunks, Fc, B = sinks + window + 5, frames_per_chunk, 2
+    g = torch.Generator().manual_seed(1)
+    actions = torch.randint(0, cfg.num_actions, (B, n_chunks * Fc), generator=g)
+    levels = sampling_levels(3)
+    cache = model.new_cache(B)
+    calls: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # (chunk, level, input, output)
+    orig = model.forward_cached
+
+    def spy(x, t, a, c, commit=False):
+        v, h = orig(x, t, a, c, commit)
+        if not commit:
+            calls.append((int(c.n_chunks[0]), float(t[0, 0]), x.clone(), v.clone()))
+        return v, h
+
+    model.forward_cached = spy
+    clean, heads_cached = [], []
+    for i in range(n_chunks):
+        noise = torch.randn(B, Fc, cfg.in_channels, *cfg.latent_size, generator=g)
+        x0, heads = generate_chunk(model, cache, actions[:, i * Fc:(i + 1) * Fc], noise, levels)
+        clean.append(x0)
+        heads_cached.append(heads.end_logit)
+    model.forward_cached = orig
+    clean = torch.cat(clean, dim=1)  # (B, T, C, h, w)
+    assert cache.max_position() < (sinks + window + 1) * Fc
+
+    for step, s in enumerate(levels[:-1]):
+        step_calls = [c for c in calls if abs(c[1] - s) < 1e-6]
+        assert len(step_calls) == n_chunks
+        noisy = torch.cat([c[2] for c in step_calls], dim=1)
+        want = torch.cat([c[3] for c in step_calls], dim=1)
+        t_noisy = torch.full(actions.shape, s)
+        with torch.no_grad():
+            v, heads = model.forward_pack(clean, noisy, torch.zeros(actions.shape), t_noisy, actions)
+        torch.testing.assert_close(v, want, **TOL)
+    torch.testing.assert_close(heads.end_logit, torch.cat(heads_cached, dim=1), **TOL)
+
+
+def test_causality_of_pack():
+    """A noisy chunk's output depends on neither later clean chunks nor its own clean copy; earlier
+    outputs never depend on a later chunk's input or action."""
+    model = make_model(frames_per_chunk=1, sink_chunks=1, window_chunks=8)
+    cfg = model.cfg
+    B, T = 2, 6
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randn(B, T, cfg.in_channels, *cfg.latent_size, generator=g)
+    noisy = torch.randn_like(clean)
+    t = torch.rand(B, T, generator=g)
+    a = torch.randint(0, cfg.num_actions, (B, T), generator=g)
+    with torch.no_grad():
+        v, h = model.forward_pack(clean, noisy, torch.zeros(B, T), t, a)
+        k = 3
+        clean2 = clean.clone()
+        clean2[:, k:] += 1.0  # change clean chunks at and after k
+        v2, _ = model.forward_pack(clean2, noisy, torch.zeros(B, T), t, a)
+        torch.testing.assert_close(v2[:, : k + 1], v[:, : k + 1])  # noisy chunk k does not see clean k
+        assert (v2[:, k + 1 :] - v[:, k + 1 :]).abs().max() > 1e-3
+        noisy3, a3 = noisy.clone(), a.clone()
+        noisy3[:, k:] += 1.0
+        a3[:, k:] = (a3[:, k:] + 1) % cfg.num_actions
+        v3, h3 = model.forward_pack(clean, noisy3, torch.zeros(B, T), t, torch.where(torch.arange(T) >= k, a3, a), a3)
+        torch.testing.assert_close(v3[:, :k], v[:, :k])
+        torch.testing.assert_close(h3.end_logit[:, :k], h.end_logit[:, :k])
+        assert (v3[:, k:] - v[:, k:]).abs().max() > 1e-3
+
+
+def test_causality_of_cached_generation():
+    model = make_model(frames_per_chunk=1, sink_chunks=1, window_chunks=3)
+    cfg = model.cfg
+    levels = sampling_levels(2)
+
+    def rollout(actions, first_noise_bump=0.0):
+        g = torch.Generator().manual_seed(5)
+        cache = model.new_cache(1)
+        out = []
+        for i in range(actions.shape[1]):
+            noise = torch.randn(1, 1, cfg.in_channels, *cfg.latent_size, generator=g)
+            x0, _ = generate_chunk(model, cache, actions[:, i : i + 1], noise, levels)
+            out.append(x0)
+        return torch.cat(out, 1)
+
+    a = torch.tensor([[0, 1, 2, 3, 1, 0]])
+    b = a.clone()
+    b[0, 4:] = 2
+    ra, rb = rollout(a), rollout(b)
+    torch.testing.assert_close(ra[:, :4], rb[:, :4])
+    assert (ra[:, 4:] - rb[:, 4:]).abs().max() > 1e-3
+
+
+def test_long_play_bounded():
+    """Thousands of chunks: positions stay bounded and the cache never grows."""
+    model = make_model(frames_per_chunk=1, sink_chunks=1, window_chunks=4)
+    cfg = model.cfg
+    cache = model.new_cache(1)
+    nbytes = cache.nbytes()
+    ptrs = (cache.k.data_ptr(), cache.v.data_ptr())
+    g = torch.Generator().manual_seed(0)
+    levels = sampling_levels(1)
+    max_pos = 0
+    for i in range(2000):
+        noise = torch.randn(1, 1, cfg.in_channels, *cfg.latent_size, generator=g)
+        a = torch.randint(0, cfg.num_actions, (1, 1), generator=g)
+        x0, _ = generate_chunk(model, cache, a, noise, levels)
+        max_pos = max(max_pos, cache.max_position())
+        assert torch.isfinite(x0).all()
+    assert int(cache.n_chunks[0]) == 2000
+    assert max_pos <= cfg.sink_chunks + cfg.window_chunks
+    assert cache.nbytes() == nbytes and (cache.k.data_ptr(), cache.v.data_ptr()) == ptrs
+    # the slots hold the sinks and the last W chunks
+    held = sorted(cache.slot_chunk[0, 1:].tolist())
+    assert held == [0] + list(range(2000 - cfg.window_chunks, 2000))
+
+
+def test_bad_inputs():
+    model = make_model()
+    cfg = model.cfg
+    cache = model.new_cache(1)
+    x = torch.randn(1, 1, cfg.in_channels, *cfg.latent_size)
+    with pytest.raises(ValueError, match="actions must lie"):
+        model.forward_cached(x, torch.zeros(1, 1), torch.tensor([[cfg.num_actions + 1]]), cache)
+    with pytest.raises(ValueError, match="expected latents of shape"):
+        model.forward_cached(torch.randn(1, 1, cfg.in_channels + 1, *cfg.latent_size), torch.zeros(1, 1), torch.tensor([[0]]), cache)
+    with pytest.raises(ValueError, match="batch of 2 worlds"):
+        model.forward_cached(x.repeat(2, 1, 1, 1, 1), torch.zeros(2, 1), torch.zeros(2, 1, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="unknown DiT preset"):
+        dit_config("huge")

@@ -1,0 +1,130 @@
+"""Checkpoints: a folder holding `config.json` plus safetensors files, written atomically.
+
+Layout of a checkpoint folder (diffusers-style):
+    config.json               {"kind": ..., "config": {...}, ...} - everything needed to rebuild the model
+    model.safetensors         weights (for the teacher: the EMA weights, the ones to sample with)
+    <name>.safetensors        any other tensor groups (raw weights, optimizer state, ...)
+    state.json                non-tensor training state (step, RNG seeds, optimizer skeleton), optional
+
+A folder is written under a temporary name and renamed into place, so a kill never leaves a half-written
+checkpoint. Loading uses safetensors only: nothing is unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or corrupt."""
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    config: dict[str, Any],
+    tensors: dict[str, dict[str, torch.Tensor]],
+    state: dict[str, Any] | None = None,
+) -> Path:
+    """Write `config.json`, one `<group>.safetensors` per entry of `tensors`, and `state.json`, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for group, sd in tensors.items():
+            # safetensors wants contiguous tensors that do not share memory
+            save_file({k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}, str(tmp / f"{group}.safetensors"))
+        if state is not None:
+            (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        old = path.with_name(f".{path.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old.exists():
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{str(path)!r} is not a checkpoint folder: no config.json in it")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint config {str(cfg_file)!r} is corrupt: {e}") from None
+
+
+def read_state(path: str | os.PathLike) -> dict[str, Any] | None:
+    f = Path(path) / "state.json"
+    if not f.exists():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint state {str(f)!r} is corrupt: {e}") from None
+
+
+def load_tensors(path: str | os.PathLike, group: str = "model") -> dict[str, torch.Tensor]:
+    f = Path(path) / f"{group}.safetensors"
+    if not f.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} has no {group}.safetensors")
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{str(f)!r} is corrupt or not a safetensors file: {e}") from None
+
+
+def load_into(module: torch.nn.Module, path: str | os.PathLike, group: str = "model") -> None:
+    """Load a tensor group into a module; a shape or key mismatch is a CheckpointError naming the keys."""
+    sd = load_tensors(path, group)
+    own = module.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    bad = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+    if missing or unexpected or bad:
+        raise CheckpointError(
+            f"{group}.safetensors in {str(path)!r} does not match the model built from its config.json: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {bad[:5]}"
+        )
+    module.load_state_dict(sd)
+
+
+# Optimizer state: tensors go to safetensors, the rest of the structure to JSON.
+def flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    state_skel: dict[str, dict[str, Any]] = {}
+    for pid, st in sd["state"].items():
+        state_skel[str(pid)] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                key = f"{pid}.{k}"
+                tensors[key] = v
+                state_skel[str(pid)][k] = {"tensor": key}
+            else:
+                state_skel[str(pid)][k] = v
+    return tensors, {"state": state_skel, "param_groups": sd["param_groups"]}
+
+
+def unflatten_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], skel: dict[str, Any]) -> None:
+    state = {}
+    for pid, st in skel["state"].items():
+        state[int(pid)] = {k: tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v for k, v in st.items()}
+    opt.load_state_dict({"state": state, "param_groups": skel["param_groups"]})

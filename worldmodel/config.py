@@ -1,0 +1,140 @@
+"""Configuration dataclasses and the size-preset registry.
+
+Every component takes one `cfg`. The resolved configs are saved as JSON beside every checkpoint, so a
+checkpoint loads with no flags (`worldmodel.checkpoint`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TokenizerConfig:
+    """Frames (H, W, 3) uint8 <-> latent grid (C, H/f, W/f)."""
+
+    kind: str = "vae"  # "vae": diffusers AutoencoderKL trained from scratch; "patch": pixel patches
+    frame_size: tuple[int, int] = (64, 64)
+    # "vae" only: the autoencoder's shape. Downsampling factor is 2 ** (len(block_out_channels) - 1).
+    block_out_channels: tuple[int, ...] = (32, 64, 64, 128)
+    layers_per_block: int = 1
+    latent_channels: int = 16
+    norm_num_groups: int = 16
+    # "patch" only: side of a square pixel patch; latent channels are 3 * patch**2.
+    patch: int = 8
+    # Per-channel affine that maps raw latents to roughly zero mean / unit variance; measured on the
+    # training frames after the autoencoder is trained (identity until then).
+    latent_mean: tuple[float, ...] = ()
+    latent_std: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.frame_size = tuple(self.frame_size)
+        self.block_out_channels = tuple(self.block_out_channels)
+        self.latent_mean = tuple(self.latent_mean)
+        self.latent_std = tuple(self.latent_std)
+        if self.kind not in ("vae", "patch"):
+            raise ValueError(f"tokenizer kind must be 'vae' or 'patch', got {self.kind!r}")
+        f = self.downsample
+        if self.frame_size[0] % f or self.frame_size[1] % f:
+            raise ValueError(f"frame_size {self.frame_size} must be divisible by the downsampling factor {f}")
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1) if self.kind == "vae" else self.patch
+
+    @property
+    def channels(self) -> int:
+        return self.latent_channels if self.kind == "vae" else 3 * self.patch**2
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        return (self.frame_size[0] // self.downsample, self.frame_size[1] // self.downsample)
+
+
+@dataclass
+class DiTConfig:
+    """The action-conditioned causal DiT. Shapes are derived from the tokenizer and the game."""
+
+    dim: int = 256
+    depth: int = 8
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    # Latent grid of one frame, from the tokenizer.
+    in_channels: int = 16
+    latent_size: tuple[int, int] = (8, 8)
+    patch_size: int = 1
+    # Game: number of discrete actions. Embedding row `num_actions` is the null action (guidance).
+    num_actions: int = 4
+    # Frames per chunk: attention is full inside a chunk and causal between chunks.
+    frames_per_chunk: int = 1
+    # Long play: permanent sink chunks plus a rolling window of recent chunks (Context Forcing).
+    sink_chunks: int = 1
+    window_chunks: int = 15
+    rope_theta: float = 10000.0
+    qk_norm: bool = True
+    head_hidden: int = 128  # reward / episode-end heads
+
+    def __post_init__(self) -> None:
+        self.latent_size = tuple(self.latent_size)
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} must be divisible by heads {self.heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head dim {self.head_dim} must be even for rotary embeddings")
+        h, w = self.latent_size
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"latent_size {self.latent_size} must be divisible by patch_size {self.patch_size}")
+        if self.sink_chunks < 0 or self.window_chunks < 1:
+            raise ValueError("need sink_chunks >= 0 and window_chunks >= 1")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Token grid of one frame (rows, cols)."""
+        return (self.latent_size[0] // self.patch_size, self.latent_size[1] // self.patch_size)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def tokens_per_chunk(self) -> int:
+        return self.tokens_per_frame * self.frames_per_chunk
+
+    @property
+    def context_chunks(self) -> int:
+        """Chunks the model attends to at most: sinks, the window, and the chunk itself."""
+        return self.sink_chunks + self.window_chunks + 1
+
+
+# Size presets, one registry; the CLI reuses its keys as choices.
+DIT_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(dim=32, depth=2, heads=2, head_hidden=16),  # tests
+    "small": dict(dim=192, depth=6, heads=3, head_hidden=128),  # trains on a laptop CPU
+    "base": dict(dim=512, depth=12, heads=8, head_hidden=256),  # for a GPU
+}
+
+
+def dit_config(preset: str, **overrides: Any) -> DiTConfig:
+    if preset not in DIT_PRESETS:
+        raise ValueError(f"unknown DiT preset {preset!r}; choose one of {sorted(DIT_PRESETS)}")
+    return DiTConfig(**{**DIT_PRESETS[preset], **overrides})
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, d: dict[str, Any]) -> Any:
+    """Build a config dataclass from a dict, rejecting unknown keys with a clear error."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {sorted(unknown)}; known: {sorted(names)}")
+    return cls(**d)
+
+
+__all__ = ["TokenizerConfig", "DiTConfig", "DIT_PRESETS", "dit_config", "to_dict", "from_dict", "field"]

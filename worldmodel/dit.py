@@ -1,0 +1,280 @@
+"""The action-conditioned causal DiT.
+
+Latent tokens of each frame, frames grouped in chunks, block-causal attention between chunks, rotary
+positions in (time, row, col), per-frame adaLN-Zero conditioning on noise level and action, and small
+heads that read reward and episode end off the features of a clean chunk.
+
+The network knows nothing of the noise schedule: it maps (latents, per-frame noise level t in [0, 1],
+per-frame action) to a velocity; `worldmodel.flow` holds the maths and `worldmodel.sampler` the loop.
+Two ways to run it:
+- `forward_pack`: the teacher-forcing sequence [clean chunks | noisy chunks] in one pass (training);
+- `forward_cached`: one chunk against a `KVCache` (generation; `commit=True` for the clean t=0 pass).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+
+from .attention import Rotary, apply_rotary, attention
+from .cache import KVCache, query_position, token_positions, visible
+from .config import DiTConfig
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class TimestepEmbedder(nn.Module):
+    """Noise level t in [0, 1] -> sinusoidal features -> MLP."""
+
+    def __init__(self, dim: int, freq_dim: int = 256) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = (t.float() * 1000.0)[..., None] * freqs  # (..., half)
+        emb = torch.cat([args.cos(), args.sin()], dim=-1)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class AttendFn(Protocol):
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with adaLN-Zero modulation per frame."""
+
+    def __init__(self, cfg: DiTConfig, index: int) -> None:
+        super().__init__()
+        D, H = cfg.dim, cfg.heads
+        self.index, self.heads = index, H
+        self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(D, 3 * D)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        self.proj = nn.Linear(D, D)
+        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        hidden = int(D * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(D, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, D))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+        """x (B, T, N, D) tokens of T frames; c (B, T, D) per-frame conditioning."""
+        B, T, N, D = x.shape
+        H = self.heads
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c)[:, :, None].chunk(6, dim=-1)  # each (B, T, 1, D)
+        h = modulate(self.norm1(x), sh1, sc1).reshape(B, T * N, D)
+        q, k, v = self.qkv(h).reshape(B, T * N, 3, H, D // H).permute(2, 0, 3, 1, 4)  # each (B, H, L, E)
+        q, k = self.q_norm(q), self.k_norm(k)
+        a = attend(self.index, q, k, v)  # (B, H, L, E)
+        a = self.proj(a.transpose(1, 2).reshape(B, T, N, D))
+        x = x + g1 * a
+        x = x + g2 * self.mlp(modulate(self.norm2(x), sh2, sc2))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, out)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.ada(c)[:, :, None].chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+@dataclass
+class Heads:
+    """Per-frame predictions of the reward/end heads (raw outputs; see `reward` and `end_prob`)."""
+
+    reward_logit: torch.Tensor  # (B, T) logit of "this step paid a nonzero reward"
+    reward_value: torch.Tensor  # (B, T) the reward's value given that it is nonzero
+    end_logit: torch.Tensor  # (B, T) logit of "the episode ended at this step"
+
+    @property
+    def reward(self) -> torch.Tensor:
+        """Point prediction: the value where a reward is more likely than not, else 0."""
+        return torch.where(self.reward_logit > 0, self.reward_value, torch.zeros_like(self.reward_value))
+
+    @property
+    def end_prob(self) -> torch.Tensor:
+        return torch.sigmoid(self.end_logit)
+
+
+class CausalDiT(nn.Module):
+    """Action-conditioned block-causal video DiT over latent frames."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        D, p = cfg.dim, cfg.patch_size
+        self.x_embed = nn.Linear(cfg.in_channels * p * p, D)
+        self.t_embed = TimestepEmbedder(D)
+        self.a_embed = nn.Embedding(cfg.num_actions + 1, D)  # row num_actions: null action (guidance)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.depth))
+        self.final = FinalLayer(D, cfg.in_channels * p * p)
+        self.heads = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, cfg.head_hidden), nn.SiLU(), nn.Linear(cfg.head_hidden, 3))
+        self.initialize_weights()
+
+    @property
+    def null_action(self) -> int:
+        return self.cfg.num_actions
+
+    def initialize_weights(self) -> None:
+        """All init in one place: Xavier linears, small embeddings, adaLN-Zero (gates and output at zero)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.a_embed.weight, std=0.02)
+        nn.init.normal_(self.t_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embed.mlp[2].weight, std=0.02)
+        for blk in self.blocks:
+            nn.init.zeros_(blk.ada[-1].weight)
+            nn.init.zeros_(blk.ada[-1].bias)
+        nn.init.zeros_(self.final.ada[-1].weight)
+        nn.init.zeros_(self.final.ada[-1].bias)
+        nn.init.zeros_(self.final.linear.weight)
+        nn.init.zeros_(self.final.linear.bias)
+
+    # ----- tokens <-> latents -----
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, C, h, w) -> (B, T, N, C*p*p)."""
+        B, T, C, h, w = x.shape
+        p = self.cfg.patch_size
+        if (C, h, w) != (self.cfg.in_channels, *self.cfg.latent_size):
+            raise ValueError(f"expected latents of shape (B, T, {self.cfg.in_channels}, {self.cfg.latent_size[0]}, {self.cfg.latent_size[1]}), got {tuple(x.shape)}")
+        x = x.reshape(B, T, C, h // p, p, w // p, p).permute(0, 1, 3, 5, 2, 4, 6)  # (B, T, gh, gw, C, p, p)
+        return x.reshape(B, T, (h // p) * (w // p), C * p * p)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, N, C*p*p) -> (B, T, C, h, w)."""
+        B, T, N, _ = x.shape
+        p, C = self.cfg.patch_size, self.cfg.in_channels
+        gh, gw = self.cfg.grid
+        x = x.reshape(B, T, gh, gw, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)  # (B, T, C, gh, p, gw, p)
+        return x.reshape(B, T, C, gh * p, gw * p)
+
+    def condition(self, t: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """t (B, T) float, actions (B, T) long -> per-frame conditioning (B, T, D)."""
+        if actions.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"actions must be an integer tensor, got {actions.dtype}")
+        if actions.numel() and (int(actions.min()) < 0 or int(actions.max()) > self.cfg.num_actions):
+            raise ValueError(f"actions must lie in [0, {self.cfg.num_actions - 1}] (or {self.cfg.num_actions} for the null action), got range [{int(actions.min())}, {int(actions.max())}]")
+        return self.t_embed(t) + self.a_embed(actions)
+
+    def _body(self, x: torch.Tensor, c: torch.Tensor, attend: AttendFn) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, N, Din), c (B, T, D) -> (velocity tokens (B, T, N, Dout), pooled features (B, T, D))."""
+        h = self.x_embed(x)
+        for blk in self.blocks:
+            h = blk(h, c, attend)
+        return self.final(h, c), h.mean(dim=2)
+
+    def read_heads(self, feats: torch.Tensor) -> Heads:
+        out = self.heads(feats).float()  # (B, T, 3)
+        return Heads(out[..., 0], out[..., 1], out[..., 2])
+
+    # ----- teacher forcing: [clean | noisy] in one sequence -----
+    def pack_mask(self, n_chunks: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token-level mask for [clean chunks | noisy chunks] under the sink + window rule.
+
+        Returns (mask (2L, 2L) bool, chunk index per token (2L,), noisy flag per token (2L,)).
+        Clean chunk i sees the clean chunks visible to it and itself; noisy chunk i sees the clean chunks
+        visible to it (strictly before i) and itself; nothing sees a noisy chunk but itself.
+        """
+        S, W, tpc = self.cfg.sink_chunks, self.cfg.window_chunks, self.cfg.tokens_per_chunk
+        chunk = torch.arange(n_chunks, device=device).repeat_interleave(tpc).repeat(2)  # (2L,)
+        noisy = torch.arange(2, device=device).repeat_interleave(n_chunks * tpc).bool()
+        qi, kj = chunk[:, None], chunk[None, :]
+        qn, kn = noisy[:, None], noisy[None, :]
+        see_clean = ~kn & (visible(qi, kj, S, W) | ((kj == qi) & ~qn))
+        see_self_noisy = qn & kn & (kj == qi)
+        return see_clean | see_self_noisy, chunk, noisy
+
+    def forward_pack(
+        self,
+        clean: torch.Tensor,
+        noisy: torch.Tensor,
+        t_clean: torch.Tensor,
+        t_noisy: torch.Tensor,
+        actions: torch.Tensor,
+        noisy_actions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, Heads]:
+        """Teacher-forcing forward.
+
+        clean/noisy (B, T, C, h, w) latents of the same T frames; t_clean/t_noisy (B, T) noise levels;
+        actions (B, T) for the clean stream, noisy_actions (B, T) for the noisy one (defaults to actions;
+        differs when actions are dropped for guidance). Returns the velocity for the noisy frames
+        (B, T, C, h, w) and the heads read off the clean frames.
+        """
+        cfg = self.cfg
+        B, T = clean.shape[:2]
+        Fc = cfg.frames_per_chunk
+        if T % Fc:
+            raise ValueError(f"sequence of {T} frames is not a whole number of {Fc}-frame chunks")
+        if noisy.shape != clean.shape:
+            raise ValueError(f"clean {tuple(clean.shape)} and noisy {tuple(noisy.shape)} latents must match")
+        n = T // Fc
+        noisy_actions = actions if noisy_actions is None else noisy_actions
+        x = torch.cat([self.patchify(clean), self.patchify(noisy)], dim=1)  # (B, 2T, N, Din)
+        c = torch.cat([self.condition(t_clean, actions), self.condition(t_noisy, noisy_actions)], dim=1)  # (B, 2T, D)
+
+        mask, chunk, is_noisy = self.pack_mask(n, x.device)
+        S, W = cfg.sink_chunks, cfg.window_chunks
+        pos = token_positions(torch.arange(n, device=x.device), cfg).reshape(n * cfg.tokens_per_chunk, 3).repeat(2, 1)
+        cos, sin = self.rotary.cos_sin(pos)  # (2L, E)
+        # Past S + W chunks, a query sees the sinks from the clamped position min(i, S + W) (see cache.py).
+        # RoPE logits are q(p_q) . k(p_k), so two query rotations are packed along the feature axis:
+        # [q(abs) | q(clamped)] . [k(abs) | 0] for window keys and [0 | k(abs)] for sink keys.
+        clamp = S > 0 and n - 1 > S + W
+        if clamp:
+            pos_c = pos.clone()
+            pos_c[:, 0] = query_position(chunk, S, W) * Fc + pos[:, 0] % Fc
+            cos_c, sin_c = self.rotary.cos_sin(pos_c)
+            sink_key = (chunk < S) & ~is_noisy  # (2L,)
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            qa, ka = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            if not clamp:
+                return attention(qa, ka, v, mask=mask)
+            qc = apply_rotary(q, cos_c, sin_c)
+            is_sink = sink_key[None, None, :, None]
+            zero = torch.zeros_like(ka)
+            q2 = torch.cat([qa, qc], dim=-1)
+            k2 = torch.cat([torch.where(is_sink, zero, ka), torch.where(is_sink, ka, zero)], dim=-1)
+            return attention(q2, k2, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]))
+
+        out, feats = self._body(x, c, attend)
+        v = self.unpatchify(out[:, T:])
+        return v, self.read_heads(feats[:, :T])
+
+    # ----- generation: one chunk against the KV cache -----
+    def forward_cached(self, x: torch.Tensor, t: torch.Tensor, actions: torch.Tensor, cache: KVCache, commit: bool = False) -> tuple[torch.Tensor, Heads]:
+        """x (B, F, C, h, w) one chunk, t/actions (B, F). Attends to the cache and itself.
+
+        With commit=True (the clean re-cache pass; important: it must run at t=0 on the final clean
+        chunk), the chunk's keys/values become permanent context for the chunks after it.
+        """
+        if x.shape[1] != self.cfg.frames_per_chunk:
+            raise ValueError(f"forward_cached takes one chunk of {self.cfg.frames_per_chunk} frame(s), got {x.shape[1]}")
+        if x.shape[0] != cache.batch:
+            raise ValueError(f"batch of {x.shape[0]} worlds does not match the cache's {cache.batch}")
+        cache.begin()
+        out, feats = self._body(self.patchify(x), self.condition(t, actions), cache.attend)
+        if commit:
+            cache.commit()
+        return self.unpatchify(out), self.read_heads(feats)
+
+    def new_cache(self, batch: int) -> KVCache:
+        p = next(self.parameters())
+        return KVCache(self.cfg, batch, device=p.device, dtype=p.dtype)
