@@ -1,0 +1,130 @@
+"""Behaviour policies that record the data: random with action persistence, a scripted Breakout player, a mix.
+
+A policy is called with `(obs, ram)` (the env's raw observation and the ALE RAM, or None for non-ALE
+games), returns an int action, and is `reset()` at the start of every episode. All randomness comes
+from the numpy Generator it is given, so a recorded episode is fixed by its seed.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from envs.games import resolve_env_id
+
+
+class Policy(Protocol):
+    description: str
+
+    def reset(self) -> None: ...
+
+    def __call__(self, obs: np.ndarray, ram: np.ndarray | None) -> int: ...
+
+
+class PersistentRandom:
+    """Uniform random actions that repeat the last one with probability `repeat_prob` (longer, varied moves)."""
+
+    def __init__(self, num_actions: int, rng: np.random.Generator, repeat_prob: float = 0.75) -> None:
+        if num_actions < 1:
+            raise ValueError(f"num_actions must be >= 1, got {num_actions}")
+        if not 0.0 <= repeat_prob <= 1.0:
+            raise ValueError(f"repeat_prob must be in [0, 1], got {repeat_prob}")
+        self.num_actions = num_actions
+        self.rng = rng
+        self.repeat_prob = repeat_prob
+        self.last_action: int | None = None
+        self.description = f"PersistentRandom(repeat_prob={repeat_prob})"
+
+    def reset(self) -> None:
+        self.last_action = None
+
+    def __call__(self, obs: np.ndarray, ram: np.ndarray | None) -> int:
+        if self.last_action is None or self.rng.random() >= self.repeat_prob:
+            self.last_action = int(self.rng.integers(self.num_actions))
+        return self.last_action
+
+
+# Breakout's minimal action set, in ALE's order (get_action_meanings()).
+BREAKOUT_ACTIONS = ["NOOP", "FIRE", "RIGHT", "LEFT"]
+NOOP, FIRE, RIGHT, LEFT = range(len(BREAKOUT_ACTIONS))
+
+# Breakout RAM addresses, checked against the screen (160x210) over 400 steps of play:
+#   ball left pixel   = ram[99] - 49,  ball top pixel = ram[101] + 9 (ram[101] == 0: no ball in play)
+#   paddle left pixel = ram[72] - 47,  paddle 16 px wide (8 once the ball has broken through the top)
+RAM_BALL_X, RAM_BALL_Y, RAM_PADDLE_X = 99, 101, 72
+BALL_WIDTH, PADDLE_WIDTH = 2, 16
+BALL_X_OFFSET, PADDLE_X_OFFSET = 49, 47
+# Paddle centre minus ball centre when they are aligned, in RAM units (see the pixel offsets above).
+PADDLE_TO_BALL = (PADDLE_X_OFFSET - PADDLE_WIDTH // 2) - (BALL_X_OFFSET - BALL_WIDTH // 2)
+
+
+class BreakoutTracker:
+    """Scripted Breakout: FIRE when no ball is in play, else move the paddle under the ball.
+
+    Measured (frameskip 4, no sticky actions, 5 episodes of at most 3000 steps, seeds 0-4): mean episode
+    return 54.2 (70, 60, 63, 58, 20) with noise=0.05 and 55 with noise=0, vs 1.0 for uniform random
+    actions and 1.8 for PersistentRandom. Predicting where the ball lands did not score higher (63, 51).
+    `noise` is the probability of a uniform random action instead, so no two episodes are alike.
+    """
+
+    def __init__(self, rng: np.random.Generator, noise: float = 0.05, dead_zone: int = 4) -> None:
+        if not 0.0 <= noise <= 1.0:
+            raise ValueError(f"noise must be in [0, 1], got {noise}")
+        self.rng = rng
+        self.noise = noise
+        self.dead_zone = dead_zone  # RAM units the paddle may be off before it moves (stops jitter)
+        self.description = f"BreakoutTracker(noise={noise})"
+
+    def reset(self) -> None:
+        pass
+
+    def __call__(self, obs: np.ndarray, ram: np.ndarray | None) -> int:
+        if ram is None:
+            raise ValueError("BreakoutTracker reads the ball and paddle from ALE RAM, but got ram=None")
+        if self.rng.random() < self.noise:
+            return int(self.rng.integers(len(BREAKOUT_ACTIONS)))
+        ball_x, ball_y, paddle_x = int(ram[RAM_BALL_X]), int(ram[RAM_BALL_Y]), int(ram[RAM_PADDLE_X])
+        if ball_y == 0:
+            return FIRE
+        offset = ball_x - (paddle_x - PADDLE_TO_BALL)  # > 0: ball is right of the paddle centre
+        if offset > self.dead_zone:
+            return RIGHT
+        if offset < -self.dead_zone:
+            return LEFT
+        return NOOP
+
+
+class MixedPolicy:
+    """Per episode draws epsilon ~ U[0, 1]; each step acts randomly with prob epsilon, else scripted."""
+
+    def __init__(self, random_policy: PersistentRandom, scripted: Policy | None, rng: np.random.Generator) -> None:
+        self.random_policy = random_policy
+        self.scripted = scripted
+        self.rng = rng
+        self.epsilon = 1.0
+        inner = random_policy.description
+        if scripted is not None:
+            inner += f" | {scripted.description}"
+        self.description = f"MixedPolicy(epsilon~U[0,1] per episode; {inner})"
+
+    def reset(self) -> None:
+        self.epsilon = float(self.rng.uniform(0.0, 1.0))
+        self.random_policy.reset()
+        if self.scripted is not None:
+            self.scripted.reset()
+
+    def __call__(self, obs: np.ndarray, ram: np.ndarray | None) -> int:
+        if self.scripted is None or self.rng.random() < self.epsilon:
+            return self.random_policy(obs, ram)
+        return self.scripted(obs, ram)
+
+
+def make_behaviour_policy(game_name: str, num_actions: int, rng: np.random.Generator) -> MixedPolicy:
+    """The recording policy for `game_name`: random + the game's scripted player (Breakout has one)."""
+    scripted = None
+    if resolve_env_id(game_name) == "ALE/Breakout-v5":
+        if num_actions != len(BREAKOUT_ACTIONS):
+            raise ValueError(f"BreakoutTracker expects Breakout's {len(BREAKOUT_ACTIONS)} actions "
+                             f"{BREAKOUT_ACTIONS}, got num_actions={num_actions} (full_action_space?)")
+        scripted = BreakoutTracker(rng)
+    return MixedPolicy(PersistentRandom(num_actions, rng), scripted, rng)
