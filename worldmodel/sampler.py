@@ -19,16 +19,19 @@ def velocity(model: CausalDiT, x: torch.Tensor, s: float, actions: torch.Tensor,
 
 
 @torch.no_grad()
-def generate_chunk(model: CausalDiT, cache: KVCache, actions: torch.Tensor, noise: torch.Tensor, levels: list[float], guidance: float = 1.0) -> tuple[torch.Tensor, Heads]:
-    """Denoise one chunk from `noise` (B, F, C, h, w) along `levels` (1 -> 0), then commit it to the cache.
-
-    Returns the clean chunk and the reward/end heads read off its re-cache pass.
-    """
+def denoise(model: CausalDiT, cache: KVCache, actions: torch.Tensor, noise: torch.Tensor, levels: list[float], guidance: float = 1.0) -> torch.Tensor:
+    """Denoise one chunk from `noise` (B, F, C, h, w) along `levels` (1 -> 0); the cache is read, not extended."""
     x = noise
     for s, s_next in zip(levels[:-1], levels[1:]):
         v = velocity(model, x, s, actions, cache, guidance)
         x = euler_step(x.float(), v.float(), s, s_next).to(noise.dtype)
-    return recache(model, cache, x, actions)
+    return x
+
+
+@torch.no_grad()
+def generate_chunk(model: CausalDiT, cache: KVCache, actions: torch.Tensor, noise: torch.Tensor, levels: list[float], guidance: float = 1.0) -> tuple[torch.Tensor, Heads]:
+    """Denoise one chunk, then commit it to the cache. Returns the clean chunk and the heads of its re-cache pass."""
+    return recache(model, cache, denoise(model, cache, actions, noise, levels, guidance), actions)
 
 
 @torch.no_grad()

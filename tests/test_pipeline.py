@@ -1,0 +1,127 @@
+"""Smoke runs of every stage as a user runs them (subprocesses, tiny budgets, the real emulator), then the
+runtime on what they produced. One small dataset is recorded once per session."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from worldmodel.checkpoint import CheckpointError
+from worldmodel.runtime import WorldModel
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def run(*args: str, ok: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if ok:
+        assert p.returncode == 0, f"{args} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    return run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args)
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("data")
+    run("-m", "train.collect", "--game", "Breakout", "--out", str(d), "--steps", "500", "--heldout-steps", "300", "--episodes-per-shard", "2", "--max-episode-steps", "120", "--seed", "3")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tokenizer(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tok")
+    run("-m", "train.tokenizer", "--data", str(data), "--out", str(out), "--kind", "patch")
+    return out / "tokenizer"
+
+
+TEACHER = ("--preset", "tiny", "--batch-size", "2", "--frames", "4", "--window-chunks", "3", "--log-every", "1", "--ckpt-every", "2", "--sample-steps", "2")
+
+
+@pytest.fixture(scope="session")
+def teacher(data, tokenizer, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("teacher")
+    run("-m", "train.teacher", "--data", str(data), "--tokenizer", str(tokenizer), "--out", str(out), "--steps", "3", *TEACHER)
+    return out
+
+
+def test_teacher_outputs_and_resume(teacher, data, tokenizer):
+    assert (teacher / "checkpoint" / "model.safetensors").is_file()
+    assert (teacher / "model" / "README.md").is_file()
+    log = [json.loads(line) for line in (teacher / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(np.isfinite(r["loss/flow"]) for r in log)
+    p = run("-m", "train.teacher", "--data", str(data), "--tokenizer", str(tokenizer), "--out", str(teacher), "--steps", "5", *TEACHER)
+    assert "resumed from" in p.stdout and "at step 3" in p.stdout
+    steps = [json.loads(line)["step"] for line in (teacher / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_teacher_under_torchrun(data, tokenizer, tmp_path):
+    torchrun("-m", "train.teacher", "--data", str(data), "--tokenizer", str(tokenizer), "--out", str(tmp_path), "--steps", "2", *TEACHER)
+    assert (tmp_path / "model" / "dit" / "model.safetensors").is_file()
+
+
+def test_runtime_on_trained_model(teacher, data):
+    wm = WorldModel.load(teacher / "model")
+    from worldmodel.runtime import load_start_frames
+
+    frames, actions = load_start_frames(teacher / "model" / "start_frames.npz")
+    assert frames.dtype == np.uint8 and frames.shape[2:] == (64, 64, 3)
+    wm.reset(frames[0], actions[0], seed=1)
+    a = wm.step(1)
+    assert a.shape == (1, 64, 64, 3) and a.dtype == np.uint8
+    wm.reset(frames[0], actions[0], seed=1)
+    torch_again = wm.step(1)
+    np.testing.assert_array_equal(a, torch_again)  # same seed, same actions, same frames
+    assert np.isfinite(wm.reward).all() and ((wm.end_prob >= 0) & (wm.end_prob <= 1)).all()
+    with pytest.raises(ValueError, match="actions must lie in"):
+        wm.step(wm.num_actions)
+    with pytest.raises(ValueError, match="context frames must be uint8"):
+        wm.reset(frames[0].astype(np.float32), actions[0])
+    with pytest.raises(ValueError, match="context frames must be uint8"):
+        wm.reset(frames[0][:, :32], actions[0])
+
+
+def test_step_before_reset(teacher):
+    wm = WorldModel.load(teacher / "model")
+    with pytest.raises(RuntimeError, match="reset"):
+        wm.step(0)
+
+
+def test_evaluate_command(teacher, data, tmp_path):
+    run("-m", "train.evaluate", "--model", str(teacher / "model"), "--data", str(data), "--out", str(tmp_path), "--episodes", "2", "--context", "2", "--horizon", "8", "--videos", "1")
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["episodes"] == 2 and np.isfinite(m["one_step_psnr"]) and "1" in {str(k) for k in m["rollout_psnr_at"]}
+    assert (tmp_path / "rollout_00.mp4").stat().st_size > 0 and (tmp_path / "report.md").is_file()
+
+
+def test_missing_and_corrupt_checkpoints(teacher, tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        WorldModel.load(tmp_path / "nowhere")
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(teacher / "model", bad)
+    (bad / "dit" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        WorldModel.load(bad)
+    (bad / "config.json").write_text("{ truncated")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        WorldModel.load(bad)
+
+
+def test_commands_reject_bad_input(data, tmp_path):
+    p = run("-m", "train.teacher", "--data", str(tmp_path / "none"), "--tokenizer", str(tmp_path), "--out", str(tmp_path / "o"), ok=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr and "error" in p.stderr.lower()
+    p = run("-m", "train.collect", "--game", "Breakoutt", "--out", str(tmp_path / "d"), "--steps", "10", ok=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr and "Breakout" in p.stderr
+    p = run("-m", "train.teacher", "--data", str(data), "--tokenizer", str(tmp_path), "--out", str(tmp_path / "o"), "--steps", "-1", ok=False)
+    assert p.returncode != 0 and "--steps must be positive" in p.stderr

@@ -1,0 +1,322 @@
+"""Stage 2: train the causal teacher by flow matching with teacher forcing.
+
+    python -m train.teacher --data DATA --tokenizer TOK_RUN/tokenizer --out RUN [--preset small] [--steps N]
+    torchrun --nproc_per_node=2 -m train.teacher ...            (DDP; gloo on CPU, NCCL on GPUs)
+
+Each batch is a window of T real frames. The sequence packs [clean chunks | noisy chunks]: noisy chunk i
+(own noise level) attends to itself and to the clean chunks before it; clean and noisy copies share
+positions. The clean context gets a little noise of its own (the model is told its level), so it learns
+to tolerate its own errors at play time. Actions of noisy chunks are dropped at a small rate so action
+guidance works. The reward/end heads learn from the real rewards and terminations on the clean stream.
+
+Outputs under RUN: latents/ (frames encoded once by the frozen tokenizer), checkpoint/ (resumable:
+EMA + raw weights, optimizer, step), tb/ and log.jsonl (TensorBoard), model/ (the exported world model).
+Re-running the same command after a kill resumes from checkpoint/.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from envs.dataset import iter_windows, list_shards, load_shard, read_meta
+from train.common import Logger, all_reduce_mean, barrier, cleanup_dist, ema_update, seed_everything, setup_dist, write_json
+from worldmodel.checkpoint import CheckpointError, flatten_optimizer, load_into, load_tensors, read_config, read_state, save_checkpoint, unflatten_optimizer
+from worldmodel.config import DIT_PRESETS, DiTConfig, dit_config, from_dict, to_dict
+from worldmodel.dit import CausalDiT
+from worldmodel.flow import add_noise, sample_levels, velocity
+from worldmodel.runtime import export_world_model
+from worldmodel.tokenizer import FrameTokenizer
+
+LATENT_KEYS = ("latents", "actions", "rewards", "terminated", "first")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m train.teacher", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", required=True, help="dataset folder written by train.collect")
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder written by train.tokenizer (RUN/tokenizer)")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, logs, exported model)")
+    p.add_argument("--preset", default="small", choices=sorted(DIT_PRESETS))
+    p.add_argument("--steps", type=int, default=20000)
+    p.add_argument("--batch-size", type=int, default=16, help="windows per optimizer step, over all processes")
+    p.add_argument("--frames", type=int, default=16, help="frames per training window")
+    p.add_argument("--sink-chunks", type=int, default=1)
+    p.add_argument("--window-chunks", type=int, default=15)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--action-drop", type=float, default=0.1, help="probability of dropping a noisy frame's action (for guidance)")
+    p.add_argument("--ctx-noise", type=float, default=0.1, help="max noise level on the clean context")
+    p.add_argument("--head-weight", type=float, default=0.1, help="weight of the reward/end head losses")
+    p.add_argument("--sample-steps", type=int, default=8, help="denoising steps the exported model samples with")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    args = p.parse_args(argv)
+    for name in ("steps", "batch_size", "frames", "window_chunks", "ckpt_every", "log_every", "sample_steps"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if not 0 <= args.action_drop < 1 or not 0 <= args.ctx_noise < 1:
+        p.error("--action-drop and --ctx-noise must lie in [0, 1)")
+    return args
+
+
+# ----- data: frames -> latents once, then windows of latents -----
+def encode_split(data: Path, split: str, tok: FrameTokenizer, out: Path, rank: int, world: int, batch: int = 256) -> list[Path]:
+    """Encode every shard of a split with the frozen tokenizer into out/split/ (resumable, shard by shard)."""
+    shards = list_shards(data, split)
+    (out / split).mkdir(parents=True, exist_ok=True)
+    targets = [out / split / s.name for s in shards]
+    for k, (src, dst) in enumerate(zip(shards, targets)):
+        if k % world != rank or dst.exists():
+            continue
+        arr = load_shard(src)
+        frames = torch.from_numpy(arr["frames"])
+        with torch.inference_mode():
+            lat = torch.cat([tok.encode(frames[i:i + batch].to(tok.device)).cpu() for i in range(0, len(frames), batch)])
+        tmp = dst.with_name(dst.stem + ".tmp.npz")
+        np.savez(tmp, latents=lat.half().numpy(), **{k2: arr[k2] for k2 in LATENT_KEYS[1:]})
+        tmp.replace(dst)
+    return targets
+
+
+def batches(paths: list[Path], args: argparse.Namespace, rank: int, world: int, per_rank: int, seed: int):
+    it = iter_windows(paths, args.frames, seed=seed, rank=rank, world_size=world, keys=LATENT_KEYS[:4])
+    while True:
+        ws = [next(it) for _ in range(per_rank)]
+        yield {k: torch.from_numpy(np.stack([w[k] for w in ws])) for k in LATENT_KEYS[:4]}
+
+
+def teacher_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], args: argparse.Namespace, num_actions: int, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    x0 = batch["latents"].float()  # (B, T, C, h, w)
+    a = batch["actions"].long()  # (B, T)
+    B, T = a.shape
+    Fc = model_cfg(model).frames_per_chunk
+    n = T // Fc
+    dev = x0.device
+    # one noise level per chunk, shared by its frames
+    s = sample_levels((B, n), generator=g).repeat_interleave(Fc, dim=1).to(dev)
+    s_ctx = (torch.rand(B, n, generator=g) * args.ctx_noise).repeat_interleave(Fc, dim=1).to(dev)
+    eps = torch.randn(x0.shape, generator=g).to(dev)
+    eps_ctx = torch.randn(x0.shape, generator=g).to(dev)
+    noisy = add_noise(x0, eps, s)
+    clean = add_noise(x0, eps_ctx, s_ctx)
+    drop = (torch.rand(B, n, generator=g) < args.action_drop).repeat_interleave(Fc, dim=1).to(dev)
+    noisy_a = torch.where(drop, torch.full_like(a, num_actions), a)
+    v, heads = model(clean, noisy, s_ctx, s, a, noisy_a)
+    flow = F.mse_loss(v.float(), velocity(x0, eps))
+    r = batch["rewards"].float().to(dev)
+    event = (r != 0).float()
+    l_event = F.binary_cross_entropy_with_logits(heads.reward_logit, event)
+    l_value = ((heads.reward_value - r) ** 2 * event).sum() / event.sum().clamp(min=1)
+    l_end = F.binary_cross_entropy_with_logits(heads.end_logit, batch["terminated"].float().to(dev))
+    loss = flow + args.head_weight * (l_event + l_value + l_end)
+    return loss, {"loss/flow": flow.item(), "loss/reward_event": l_event.item(), "loss/reward_value": l_value.item(), "loss/end": l_end.item()}
+
+
+def model_cfg(model: torch.nn.Module) -> DiTConfig:
+    return (model.module if isinstance(model, DDP) else model).cfg
+
+
+class PackForward(torch.nn.Module):
+    """DDP wraps `forward`, so route it to forward_pack."""
+
+    def __init__(self, dit: CausalDiT) -> None:
+        super().__init__()
+        self.dit = dit
+        self.cfg = dit.cfg
+
+    def forward(self, *a):
+        return self.dit.forward_pack(*a)
+
+
+def lr_at(step: int, args: argparse.Namespace) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    prog = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    data, out = Path(args.data), Path(args.out)
+    try:
+        meta = read_meta(data)
+        tok = FrameTokenizer.load(args.tokenizer)
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if tuple(meta["frame_size"]) != tuple(tok.cfg.frame_size):
+        print(f"error: dataset frames are {meta['frame_size']} but the tokenizer takes {list(tok.cfg.frame_size)}", file=sys.stderr)
+        return 2
+    d = setup_dist(args.device)
+    world = d.world_size
+    if args.batch_size % world:
+        print(f"error: --batch-size {args.batch_size} is not divisible by {world} processes", file=sys.stderr)
+        return 2
+    seed_everything(args.seed + d.rank)
+    tok = tok.to(d.device).eval()
+
+    # 1. latents, once (each rank encodes its share of the shards)
+    t0 = time.time()
+    lat_dir = out / "latents"
+    lat_dir.mkdir(parents=True, exist_ok=True)
+    tok_id = read_config(args.tokenizer)
+    stamp = lat_dir / "tokenizer.json"
+    if d.is_main:
+        if stamp.exists() and read_config_json(stamp) != tok_id:
+            print(f"error: {lat_dir} was encoded with another tokenizer; delete it or use a new --out", file=sys.stderr)
+            return 2
+        write_json(stamp, tok_id)
+    train_lat = encode_split(data, "train", tok, lat_dir, d.rank, world)
+    encode_split(data, "heldout", tok, lat_dir, d.rank, world)
+    barrier()
+    if d.is_main:
+        print(f"latents ready in {lat_dir} ({time.time() - t0:.0f}s)")
+
+    # 2. model, EMA, optimizer; resume if a checkpoint exists
+    cfg = dit_config(args.preset, in_channels=tok.cfg.channels, latent_size=tok.cfg.latent_size, num_actions=meta["num_actions"], sink_chunks=args.sink_chunks, window_chunks=args.window_chunks)
+    if args.frames % cfg.frames_per_chunk:
+        print(f"error: --frames {args.frames} must be a multiple of frames_per_chunk {cfg.frames_per_chunk}", file=sys.stderr)
+        return 2
+    ckpt = out / "checkpoint"
+    dit = CausalDiT(cfg).to(d.device)
+    ema = copy.deepcopy(dit).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(dit.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+    step = 0
+    if ckpt.exists():
+        saved = read_config(ckpt)
+        if saved.get("config") != to_dict(cfg):
+            print(f"error: {ckpt} holds a model of another shape ({saved.get('config')}); use a new --out or the same arguments", file=sys.stderr)
+            return 2
+        load_into(dit, ckpt, "raw")
+        load_into(ema, ckpt, "model")
+        state = read_state(ckpt)
+        unflatten_optimizer(opt, {k: v.to(d.device) for k, v in load_tensors(ckpt, "optimizer").items()}, state["optimizer"])
+        step = state["step"]
+        if d.is_main:
+            print(f"resumed from {ckpt} at step {step}")
+    n_params = sum(p.numel() for p in dit.parameters())
+    model: torch.nn.Module = PackForward(dit)
+    if world > 1:
+        model = DDP(model)
+    log = Logger(out, enabled=d.is_main)
+    if d.is_main:
+        write_json(out / "args.json", vars(args))
+        print(f"teacher {args.preset}: {n_params / 1e6:.2f}M parameters, {cfg.tokens_per_frame} tokens/frame, {args.frames} frames/window, {world} process(es) on {d.device}")
+
+    def save(step: int) -> None:
+        if d.is_main:
+            otensors, oskel = flatten_optimizer(opt)
+            save_checkpoint(ckpt, {"kind": "dit", "config": to_dict(cfg)}, {"model": ema.state_dict(), "raw": dit.state_dict(), "optimizer": otensors}, {"step": step, "optimizer": oskel, "args": vars(args)})
+        barrier()
+
+    # 3. train
+    per_rank = args.batch_size // world
+    data_it = batches(train_lat, args, d.rank, world, per_rank, seed=args.seed * 100003 + step)
+    g = torch.Generator().manual_seed(args.seed * 7919 + d.rank * 104729 + step)
+    bar = tqdm(total=args.steps, initial=step, desc="teacher", disable=not d.is_main, dynamic_ncols=True)
+    t_log, seen = time.time(), 0
+    acc: dict[str, float] = {}
+    while step < args.steps:
+        batch = {k: v.to(d.device) for k, v in next(data_it).items()}
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        loss, parts = teacher_loss(model, batch, args, cfg.num_actions, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower --lr")
+        opt.step()
+        ema_update(ema, dit, args.ema if step >= args.warmup else 0.0)
+        step += 1
+        seen += 1
+        for k, v in parts.items():
+            acc[k] = acc.get(k, 0.0) + v
+        bar.update(1)
+        if step % args.log_every == 0 or step == args.steps:
+            dt = time.time() - t_log
+            scalars = {k: all_reduce_mean(v / seen, d) for k, v in acc.items()}
+            scalars.update({"lr": lr_at(step, args), "grad_norm": float(gnorm), "steps_per_s": seen / dt})
+            log.log(step, **scalars)
+            bar.set_postfix(flow=f"{scalars['loss/flow']:.4f}", sps=f"{seen / dt:.2f}")
+            acc, seen, t_log = {}, 0, time.time()
+        if step % args.ckpt_every == 0 or step == args.steps:
+            save(step)
+    bar.close()
+    log.close()
+
+    # 4. export the world model (EMA weights) with real start contexts from held-out episodes
+    if d.is_main:
+        frames, actions = start_contexts(data, n=16, length=cfg.sink_chunks * cfg.frames_per_chunk + 3 * cfg.frames_per_chunk)
+        info = {
+            "game": meta["game"],
+            "env_id": meta.get("env_id"),
+            "action_meanings": meta["action_meanings"],
+            "frame_size": list(meta["frame_size"]),
+            "frameskip": meta.get("frameskip", 4),
+            "sampling": {"steps": args.sample_steps, "guidance": 1.0, "shift": 1.0},
+            "trained": {"stage": "teacher", "steps": step, "preset": args.preset, "data": str(data)},
+        }
+        card = model_card(args, meta, n_params, step, time.time() - t0, d)
+        export_world_model(out / "model", ema, args.tokenizer, info, frames, actions, card)
+        print(f"exported world model to {out / 'model'}")
+    cleanup_dist()
+    return 0
+
+
+def read_config_json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
+
+
+def start_contexts(data: Path, n: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `length` frames (and actions) of up to n held-out episodes (train episodes if none)."""
+    frames, actions = [], []
+    for split in ("heldout", "train"):
+        for shard in list_shards(data, split):
+            arr = load_shard(shard)
+            starts = np.flatnonzero(arr["first"])
+            ends = list(starts[1:]) + [len(arr["first"])]
+            for s, e in zip(starts, ends):
+                if e - s >= length:
+                    frames.append(arr["frames"][s:s + length])
+                    actions.append(arr["actions"][s:s + length])
+                if len(frames) == n:
+                    return np.stack(frames), np.stack(actions).astype(np.int64)
+        if frames:
+            break
+    if not frames:
+        raise ValueError(f"no episode in {data} has {length} frames for a start context")
+    return np.stack(frames), np.stack(actions).astype(np.int64)
+
+
+def model_card(args: argparse.Namespace, meta: dict, n_params: int, step: int, wall: float, d) -> str:
+    hw = torch.cuda.get_device_name(0) if d.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    cmd = "python -m train.teacher " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
+    return (
+        f"# World model: {meta['game']} (teacher)\n\n"
+        f"- Stage: teacher (flow matching, teacher forcing), preset `{args.preset}`, {n_params / 1e6:.2f}M parameters\n"
+        f"- Data: {meta.get('splits', {}).get('train', {}).get('steps', '?')} training steps of real {meta['game']} play recorded by `train.collect`\n"
+        f"- Optimizer steps: {step}, batch {args.batch_size} windows of {args.frames} frames\n"
+        f"- Hardware: {hw} x {d.world_size} process(es); wall time {wall / 60:.1f} min (this run, including resumed parts only)\n"
+        f"- Samples with {args.sample_steps} Euler steps by default\n\n"
+        f"Reproduce:\n\n    {cmd}\n"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

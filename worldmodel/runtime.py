@@ -1,0 +1,214 @@
+"""The runtime: model, tokenizer and KV cache in one object. `reset(context)`, then `step(action) -> frames`.
+
+A world-model folder (what training exports and `assets/` ships):
+    config.json         game, action meanings, frame size, sampling defaults
+    dit/                the causal DiT (a `worldmodel.checkpoint` folder)
+    tokenizer/          the frame tokenizer
+    start_frames.npz    real start contexts: frames (K, T, H, W, 3) uint8, actions (K, T) int64
+    README.md           model card: data, steps, hardware, wall time, the command that made it
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError, load_into, read_config, save_checkpoint
+from .config import DiTConfig, from_dict, to_dict
+from .dit import CausalDiT, Heads
+from .flow import sampling_levels
+from .sampler import denoise, recache
+from .tokenizer import FrameTokenizer
+
+MODEL_FORMAT_VERSION = 1
+
+
+def save_dit(model: CausalDiT, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    return save_checkpoint(path, {"kind": "dit", "config": to_dict(model.cfg), **(extra or {})}, {"model": model.state_dict()})
+
+
+def load_dit(path: str | os.PathLike, device: str | torch.device = "cpu", group: str = "model") -> CausalDiT:
+    meta = read_config(path)
+    if meta.get("kind") != "dit":
+        raise CheckpointError(f"{str(path)!r} is not a DiT checkpoint (kind {meta.get('kind')!r})")
+    model = CausalDiT(from_dict(DiTConfig, meta["config"]))
+    load_into(model, path, group)
+    return model.to(device).eval()
+
+
+def load_start_frames(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Real start contexts shipped with a model: frames (K, T, H, W, 3) uint8, actions (K, T) int64."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no start frames at {str(path)!r}")
+    with np.load(path, allow_pickle=False) as z:
+        return z["frames"], z["actions"]
+
+
+class WorldModel:
+    """Holds the DiT, the tokenizer and a KV cache for `batch` worlds."""
+
+    def __init__(self, dit: CausalDiT, tokenizer: FrameTokenizer, info: dict[str, Any], *, steps: int | None = None, guidance: float | None = None, batch: int = 1) -> None:
+        if tuple(tokenizer.cfg.latent_size) != tuple(dit.cfg.latent_size) or tokenizer.cfg.channels != dit.cfg.in_channels:
+            raise ValueError(f"tokenizer latents {tokenizer.cfg.channels}x{tokenizer.cfg.latent_size} do not match the DiT's {dit.cfg.in_channels}x{dit.cfg.latent_size}")
+        self.dit, self.tokenizer, self.info = dit, tokenizer, info
+        sampling = info.get("sampling", {})
+        self.steps = int(steps if steps is not None else sampling.get("steps", 8))
+        self.guidance = float(guidance if guidance is not None else sampling.get("guidance", 1.0))
+        self.levels = sampling_levels(self.steps, float(sampling.get("shift", 1.0)))
+        self.batch = batch
+        self.cache = dit.new_cache(batch)
+        self.device = next(dit.parameters()).device
+        self.dtype = next(dit.parameters()).dtype
+        self.generator = torch.Generator(device=self.device)
+        self.heads: Heads | None = None
+        self._started = False
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu", steps: int | None = None, guidance: float | None = None, batch: int = 1) -> "WorldModel":
+        path = Path(path)
+        info = read_config(path)
+        if info.get("kind") != "world_model":
+            raise CheckpointError(f"{str(path)!r} is not a world-model folder (config.json kind is {info.get('kind')!r}, want 'world_model')")
+        dit = load_dit(path / "dit", device)
+        tok = FrameTokenizer.load(path / "tokenizer", device=device).eval()
+        return cls(dit, tok, info, steps=steps, guidance=guidance, batch=batch)
+
+    # ----- properties -----
+    @property
+    def num_actions(self) -> int:
+        return self.dit.cfg.num_actions
+
+    @property
+    def frames_per_chunk(self) -> int:
+        return self.dit.cfg.frames_per_chunk
+
+    @property
+    def frame_shape(self) -> tuple[int, int, int]:
+        return (*self.tokenizer.cfg.frame_size, 3)
+
+    def _check_actions(self, actions: np.ndarray | torch.Tensor | Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
+        a = torch.as_tensor(np.asarray(actions))
+        if a.dtype.is_floating_point or a.dtype == torch.bool:
+            raise TypeError(f"actions must be integers, got dtype {a.dtype}")
+        if tuple(a.shape) != shape:
+            raise ValueError(f"expected actions of shape {shape}, got {tuple(a.shape)}")
+        if a.numel() and (int(a.min()) < 0 or int(a.max()) >= self.num_actions):
+            raise ValueError(f"actions must lie in [0, {self.num_actions - 1}], got {a.flatten().tolist()[:8]}")
+        return a.long().to(self.device)
+
+    # ----- play -----
+    def _check_frames(self, frames: np.ndarray, actions) -> tuple[np.ndarray, torch.Tensor]:
+        frames = np.asarray(frames)
+        if frames.ndim == 4 and self.batch == 1:
+            frames = frames[None]
+            actions = np.asarray(actions)[None]
+        H, W, _ = self.frame_shape
+        if frames.ndim != 5 or frames.shape[0] != self.batch or frames.shape[2:] != (H, W, 3) or frames.dtype != np.uint8:
+            raise ValueError(f"context frames must be uint8 of shape ({self.batch}, T, {H}, {W}, 3), got {frames.dtype} {frames.shape}")
+        T, Fc = frames.shape[1], self.frames_per_chunk
+        if T < Fc or T % Fc:
+            raise ValueError(f"context of {T} frames is not a whole number (>= 1) of {Fc}-frame chunks")
+        return frames, self._check_actions(actions, frames.shape[:2])
+
+    @torch.no_grad()
+    def reset(self, frames: np.ndarray, actions: np.ndarray | Sequence[int], seed: int | None = None) -> None:
+        """Start every world from real context: frames (B, T, H, W, 3) uint8 (or (T, H, W, 3) when batch is 1)
+        and the actions that led to them, (B, T) (or (T,)). T must be a whole number of chunks."""
+        frames, a = self._check_frames(frames, actions)  # validate before touching the cache
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        self.cache.reset()
+        self._observe(frames, a)
+        self._started = True
+
+    @torch.no_grad()
+    def observe(self, frames: np.ndarray, actions: np.ndarray | Sequence[int]) -> None:
+        """Append real frames (and the actions that led to them) to every world's context."""
+        if not self._started:
+            raise RuntimeError("call reset(context frames, actions) before observe()")
+        self._observe(*self._check_frames(frames, actions))
+
+    def _observe(self, frames: np.ndarray, a: torch.Tensor) -> None:
+        B, T, H, W, _ = frames.shape
+        Fc = self.frames_per_chunk
+        lat = self.tokenizer.encode(torch.from_numpy(frames.reshape(B * T, H, W, 3)).to(self.device))
+        lat = lat.reshape(B, T, *lat.shape[1:]).to(self.dtype)  # (B, T, C, h, w)
+        for i in range(T // Fc):
+            _, self.heads = recache(self.dit, self.cache, lat[:, i * Fc:(i + 1) * Fc], a[:, i * Fc:(i + 1) * Fc])
+
+    def _denoise(self, actions) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self._started:
+            raise RuntimeError("call reset(context frames, actions) before step()")
+        Fc = self.frames_per_chunk
+        a = self._check_actions(actions, (self.batch,))[:, None].expand(self.batch, Fc)  # the action holds for the whole chunk
+        cfg = self.dit.cfg
+        noise = torch.randn(self.batch, Fc, cfg.in_channels, *cfg.latent_size, generator=self.generator, device=self.device, dtype=self.dtype)
+        return denoise(self.dit, self.cache, a, noise, self.levels, self.guidance), a
+
+    def _decode(self, x0: torch.Tensor) -> np.ndarray:
+        frames = self.tokenizer.decode(x0.flatten(0, 1).float())  # (B*F, H, W, 3) uint8
+        return frames.reshape(self.batch, self.frames_per_chunk, *self.frame_shape).cpu().numpy()
+
+    @torch.no_grad()
+    def step_batch(self, actions: np.ndarray | Sequence[int]) -> np.ndarray:
+        """One action per world -> the next chunk of every world, uint8 (B, F, H, W, 3)."""
+        x0, a = self._denoise(actions)
+        _, self.heads = recache(self.dit, self.cache, x0, a)
+        return self._decode(x0)
+
+    @torch.no_grad()
+    def predict_batch(self, actions: np.ndarray | Sequence[int]) -> np.ndarray:
+        """Like step_batch, but the generated chunk is not added to the context (teacher-forced evaluation:
+        follow with observe() of the real frames)."""
+        x0, _ = self._denoise(actions)
+        return self._decode(x0)
+
+    def step(self, action: int) -> np.ndarray:
+        """Single world: action -> the next chunk's frames, uint8 (F, H, W, 3)."""
+        if self.batch != 1:
+            raise ValueError(f"step() drives one world; this runtime holds {self.batch}: use step_batch()")
+        return self.step_batch([action])[0]
+
+    @property
+    def reward(self) -> np.ndarray:
+        """Predicted reward of the last step, summed over the chunk's frames, (B,)."""
+        return self._heads().reward.sum(1).cpu().numpy()
+
+    @property
+    def end_prob(self) -> np.ndarray:
+        """Predicted probability that the episode ended within the last chunk, (B,)."""
+        return self._heads().end_prob.max(1).values.cpu().numpy()
+
+    def _heads(self) -> Heads:
+        if self.heads is None:
+            raise RuntimeError("call reset() first")
+        return self.heads
+
+    def close(self) -> None:
+        """Drop the model and cache (frees their memory)."""
+        self.dit = self.tokenizer = self.cache = None  # type: ignore[assignment]
+        self._started = False
+
+
+def export_world_model(path: str | os.PathLike, dit: CausalDiT, tokenizer_dir: str | os.PathLike, info: dict[str, Any], start_frames: np.ndarray, start_actions: np.ndarray, card: str) -> Path:
+    """Write a world-model folder (see the module docstring); the tokenizer is copied from its checkpoint."""
+    import shutil
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    (tmp / "config.json").write_text(json.dumps({"kind": "world_model", "format_version": MODEL_FORMAT_VERSION, **info}, indent=2))
+    save_dit(dit, tmp / "dit")
+    shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+    np.savez_compressed(tmp / "start_frames.npz", frames=start_frames, actions=start_actions)
+    (tmp / "README.md").write_text(card)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
