@@ -116,9 +116,12 @@ class DiTConfig:
 
 # Size presets, one registry; the CLI reuses its keys as choices.
 DIT_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(dim=32, depth=2, heads=2, head_hidden=16),  # tests
-    "small": dict(dim=192, depth=6, heads=3, head_hidden=128),  # trains on a laptop CPU
-    "base": dict(dim=512, depth=12, heads=8, head_hidden=256),  # for a GPU
+    # tests
+    "tiny": dict(dim=32, depth=2, heads=2, head_hidden=16, patch_size=1),
+    # trains on a laptop CPU: 2x2 latent patches -> 16 tokens per 64x64 frame (8x8 latent grid)
+    "small": dict(dim=192, depth=6, heads=3, head_hidden=128, patch_size=2),
+    # for a GPU: one token per latent cell
+    "base": dict(dim=512, depth=12, heads=8, head_hidden=256, patch_size=1),
 }
 
 
