@@ -154,3 +154,21 @@ def test_bad_inputs():
         model.forward_cached(x.repeat(2, 1, 1, 1, 1), torch.zeros(2, 1), torch.zeros(2, 1, dtype=torch.long), cache)
     with pytest.raises(ValueError, match="unknown DiT preset"):
         dit_config("huge")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_flex_block_mask_matches_sdpa():
+    """The block mask handed to flex attention on CUDA encodes the same pack mask (checked here on CPU)."""
+    from worldmodel.attention import attention, attention_backend
+    from worldmodel.dit import pack_block_mask
+
+    model = make_model(sink_chunks=1, window_chunks=2)
+    mask, _, _ = model.pack_mask(5, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 2, 2, mask.shape[0], 16, generator=g).unbind(0)
+    want = attention(q, k, v, mask=mask)
+    with attention_backend("flex"):
+        got = attention(q, k, v, mask=mask, block_mask=pack_block_mask(mask))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    with attention_backend("math"):
+        torch.testing.assert_close(attention(q, k, v, mask=mask), want, atol=1e-5, rtol=1e-4)

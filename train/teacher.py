@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     step = 0
     if ckpt.exists():
         saved = read_config(ckpt)
-        if saved.get("config") != to_dict(cfg):
+        if from_dict(DiTConfig, saved.get("config", {})) != cfg:
             print(f"error: {ckpt} holds a model of another shape ({saved.get('config')}); use a new --out or the same arguments", file=sys.stderr)
             return 2
         load_into(dit, ckpt, "raw")

@@ -110,6 +110,17 @@ class Heads:
         return torch.sigmoid(self.end_logit)
 
 
+def pack_block_mask(mask: torch.Tensor):
+    """A dense (L, L) bool mask as a flex-attention BlockMask (CUDA only)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return mask[q_idx, kv_idx]
+
+    L = mask.shape[0]
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=L, KV_LEN=L, device=mask.device)
+
+
 class CausalDiT(nn.Module):
     """Action-conditioned block-causal video DiT over latent frames."""
 
@@ -243,10 +254,13 @@ class CausalDiT(nn.Module):
             cos_c, sin_c = self.rotary.cos_sin(pos_c)
             sink_key = (chunk < S) & ~is_noisy  # (2L,)
 
+        # On CUDA the pack's block structure goes to flex attention as a block-sparse mask.
+        block_mask = pack_block_mask(mask) if x.is_cuda and not clamp else None
+
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             qa, ka = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             if not clamp:
-                return attention(qa, ka, v, mask=mask)
+                return attention(qa, ka, v, mask=mask, block_mask=block_mask)
             qc = apply_rotary(q, cos_c, sin_c)
             is_sink = sink_key[None, None, :, None]
             zero = torch.zeros_like(ka)
