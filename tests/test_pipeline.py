@@ -125,3 +125,11 @@ def test_commands_reject_bad_input(data, tmp_path):
     assert p.returncode != 0 and "Traceback" not in p.stderr and "Breakout" in p.stderr
     p = run("-m", "train.teacher", "--data", str(data), "--tokenizer", str(tmp_path), "--out", str(tmp_path / "o"), "--steps", "-1", ok=False)
     assert p.returncode != 0 and "--steps must be positive" in p.stderr
+
+
+def test_play_headless(teacher, tmp_path):
+    video = tmp_path / "play.mp4"
+    p = run("play.py", "--model", str(teacher / "model"), "--headless", "6", "--video", str(video))
+    assert "steps/s" in p.stdout and video.stat().st_size > 0
+    p = run("play.py", "--model", str(tmp_path / "missing"), "--headless", "2", ok=False)
+    assert p.returncode != 0 and "does not exist" in p.stderr and "Traceback" not in p.stderr
