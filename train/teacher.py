@@ -92,7 +92,8 @@ def encode_split(data: Path, split: str, tok: FrameTokenizer, out: Path, rank: i
 
 
 def batches(paths: list[Path], args: argparse.Namespace, rank: int, world: int, per_rank: int, seed: int):
-    it = iter_windows(paths, args.frames, seed=seed, rank=rank, world_size=world, keys=LATENT_KEYS[:4])
+    # latents are small (2 KiB a frame): keep 8 shards in memory so a batch mixes many episodes
+    it = iter_windows(paths, args.frames, seed=seed, rank=rank, world_size=world, keys=LATENT_KEYS[:4], shards_in_memory=8)
     while True:
         ws = [next(it) for _ in range(per_rank)]
         yield {k: torch.from_numpy(np.stack([w[k] for w in ws])) for k in LATENT_KEYS[:4]}
