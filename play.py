@@ -35,7 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--headless", type=int, default=0, metavar="N", help="no window: run N random-policy steps, write --video, print the speed")
     p.add_argument("--video", default="play.mp4", help="video file written by --headless")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.headless < 0 or (args.steps is not None and args.steps < 1) or args.fps <= 0 or args.scale < 1:
+        p.error("--headless must be >= 0, --steps >= 1, --fps > 0 and --scale >= 1")
+    return args
 
 
 def load(args: argparse.Namespace):
@@ -45,7 +48,7 @@ def load(args: argparse.Namespace):
     try:
         wm = WorldModel.load(args.model, steps=args.steps, guidance=args.guidance)
         frames, actions = load_start_frames(Path(args.model) / "start_frames.npz")
-    except CheckpointError as e:
+    except (CheckpointError, ValueError) as e:
         avail = sorted(str(d) for d in DEFAULT_MODEL.parent.glob("*/config.json"))
         sys.exit(f"error: {e}\nshipped models: {[str(Path(a).parent) for a in avail] or 'none'}")
     return wm, frames, actions

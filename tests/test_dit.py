@@ -172,3 +172,17 @@ def test_flex_block_mask_matches_sdpa():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     with attention_backend("math"):
         torch.testing.assert_close(attention(q, k, v, mask=mask), want, atol=1e-5, rtol=1e-4)
+
+
+def test_bfloat16_forwards_run():
+    """Reduced precision keeps q, k and v in one dtype (rotary maths runs in float32 and comes back)."""
+    model = make_model(sink_chunks=1, window_chunks=2).to(torch.bfloat16)
+    cfg = model.cfg
+    x = torch.randn(1, 3, cfg.in_channels, *cfg.latent_size, dtype=torch.bfloat16)
+    a = torch.randint(0, cfg.num_actions, (1, 3))
+    with torch.no_grad():
+        v, _ = model.forward_pack(x, x, torch.zeros(1, 3), torch.rand(1, 3), a)
+        assert v.dtype == torch.bfloat16 and torch.isfinite(v.float()).all()
+        cache = model.new_cache(1)
+        x0, heads = generate_chunk(model, cache, a[:, :1], x[:, :1], sampling_levels(2))
+        assert x0.dtype == torch.bfloat16 and torch.isfinite(heads.end_logit).all()

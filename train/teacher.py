@@ -11,7 +11,8 @@ guidance works. The reward/end heads learn from the real rewards and termination
 
 Outputs under RUN: latents/ (frames encoded once by the frozen tokenizer), checkpoint/ (resumable:
 EMA + raw weights, optimizer, step), tb/ and log.jsonl (TensorBoard), model/ (the exported world model).
-Re-running the same command after a kill resumes from checkpoint/.
+Re-running the same command after a kill resumes from checkpoint/ (weights, optimizer and step; the data
+stream starts a fresh shuffle seeded by the step, so it does not replay the exact windows of the lost run).
 """
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ from tqdm import tqdm
 
 from envs.dataset import iter_windows, list_shards, load_shard, read_meta
 from train.common import Logger, all_reduce_mean, barrier, cleanup_dist, ema_update, seed_everything, setup_dist, write_json
-from worldmodel.checkpoint import CheckpointError, flatten_optimizer, load_into, load_tensors, read_config, read_state, save_checkpoint, unflatten_optimizer
-from worldmodel.config import DIT_PRESETS, DiTConfig, dit_config, from_dict, to_dict
+from worldmodel.checkpoint import CheckpointError, flatten_optimizer, load_into, load_tensors, read_config, read_state, recover, save_checkpoint, unflatten_optimizer
+from worldmodel.config import DIT_PRESETS, DiTConfig, SamplingConfig, dit_config, from_dict, to_dict
 from worldmodel.dit import CausalDiT
 from worldmodel.flow import add_noise, sample_levels, velocity
 from worldmodel.runtime import export_world_model
@@ -48,9 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", default="small", choices=sorted(DIT_PRESETS))
     p.add_argument("--steps", type=int, default=20000)
     p.add_argument("--batch-size", type=int, default=16, help="windows per optimizer step, over all processes")
-    p.add_argument("--frames", type=int, default=16, help="frames per training window")
+    p.add_argument("--frames", type=int, default=12, help="frames per training window; longer than the context (sinks + window + 1 chunks) trains the rolling-window regime of long play")
     p.add_argument("--sink-chunks", type=int, default=1)
-    p.add_argument("--window-chunks", type=int, default=15)
+    p.add_argument("--window-chunks", type=int, default=7)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup", type=int, default=500)
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -67,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("steps", "batch_size", "frames", "window_chunks", "ckpt_every", "log_every", "sample_steps"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.sink_chunks < 0:
+        p.error("--sink-chunks must be >= 0")
     if not 0 <= args.action_drop < 1 or not 0 <= args.ctx_noise < 1:
         p.error("--action-drop and --ctx-noise must lie in [0, 1)")
     return args
@@ -161,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     if tuple(meta["frame_size"]) != tuple(tok.cfg.frame_size):
         print(f"error: dataset frames are {meta['frame_size']} but the tokenizer takes {list(tok.cfg.frame_size)}", file=sys.stderr)
         return 2
+    lat_dir = out / "latents"
+    stamp = lat_dir / "tokenizer.json"
+    tok_id = read_config(args.tokenizer)
+    if stamp.exists() and read_config_json(stamp) != tok_id:  # every rank checks, so all exit together
+        print(f"error: {lat_dir} was encoded with another tokenizer; delete it or use a new --out", file=sys.stderr)
+        return 2
     d = setup_dist(args.device)
     world = d.world_size
     if args.batch_size % world:
@@ -171,14 +180,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. latents, once (each rank encodes its share of the shards)
     t0 = time.time()
-    lat_dir = out / "latents"
     lat_dir.mkdir(parents=True, exist_ok=True)
-    tok_id = read_config(args.tokenizer)
-    stamp = lat_dir / "tokenizer.json"
     if d.is_main:
-        if stamp.exists() and read_config_json(stamp) != tok_id:
-            print(f"error: {lat_dir} was encoded with another tokenizer; delete it or use a new --out", file=sys.stderr)
-            return 2
         write_json(stamp, tok_id)
     train_lat = encode_split(data, "train", tok, lat_dir, d.rank, world)
     encode_split(data, "heldout", tok, lat_dir, d.rank, world)
@@ -196,16 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     ema = copy.deepcopy(dit).eval().requires_grad_(False)
     opt = torch.optim.AdamW(dit.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     step = 0
+    recover(ckpt)
     if ckpt.exists():
-        saved = read_config(ckpt)
-        if from_dict(DiTConfig, saved.get("config", {})) != cfg:
-            print(f"error: {ckpt} holds a model of another shape ({saved.get('config')}); use a new --out or the same arguments", file=sys.stderr)
+        try:
+            step = resume(ckpt, cfg, dit, ema, opt, d.device)
+        except CheckpointError as e:
+            print(f"error: cannot resume: {e}", file=sys.stderr)
             return 2
-        load_into(dit, ckpt, "raw")
-        load_into(ema, ckpt, "model")
-        state = read_state(ckpt)
-        unflatten_optimizer(opt, {k: v.to(d.device) for k, v in load_tensors(ckpt, "optimizer").items()}, state["optimizer"])
-        step = state["step"]
         if d.is_main:
             print(f"resumed from {ckpt} at step {step}")
     n_params = sum(p.numel() for p in dit.parameters())
@@ -238,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower --lr")
+        if not torch.isfinite(gnorm):  # from the all-reduced gradients, so every rank agrees
+            raise FloatingPointError(f"gradient norm is {gnorm.item()} at step {step} (loss {loss.item()}); lower --lr")
         opt.step()
         ema_update(ema, dit, args.ema if step >= args.warmup else 0.0)
         step += 1
@@ -267,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             "env_id": meta.get("env_id"),
             "action_meanings": meta["action_meanings"],
             "frame_size": list(meta["frame_size"]),
-            "frameskip": meta.get("frameskip", 4),
-            "sampling": {"steps": args.sample_steps, "guidance": 1.0, "shift": 1.0},
+            "frameskip": meta["frameskip"],
+            "sampling": to_dict(SamplingConfig(steps=args.sample_steps)),
             "trained": {"stage": "teacher", "steps": step, "preset": args.preset, "data": str(data)},
         }
         card = model_card(args, meta, n_params, step, time.time() - t0, d)
@@ -276,6 +276,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"exported world model to {out / 'model'}")
     cleanup_dist()
     return 0
+
+
+def resume(ckpt: Path, cfg: DiTConfig, dit: CausalDiT, ema: CausalDiT, opt: torch.optim.Optimizer, device: torch.device) -> int:
+    """Load raw and EMA weights and the optimizer from a training checkpoint; returns its step."""
+    saved = read_config(ckpt)
+    try:
+        same = from_dict(DiTConfig, saved.get("config", {})) == cfg
+    except (TypeError, ValueError):
+        same = False
+    if not same:
+        raise CheckpointError(f"{ckpt} holds a model of another shape ({saved.get('config')}); use a new --out or the same arguments")
+    state = read_state(ckpt)
+    if state is None or "step" not in state or "optimizer" not in state:
+        raise CheckpointError(f"{ckpt} has no usable state.json (step, optimizer); it is not a training checkpoint")
+    load_into(dit, ckpt, "raw")
+    load_into(ema, ckpt, "model")
+    unflatten_optimizer(opt, {k: v.to(device) for k, v in load_tensors(ckpt, "optimizer").items()}, state["optimizer"])
+    return int(state["step"])
 
 
 def read_config_json(path: Path) -> dict:

@@ -38,6 +38,19 @@ def attention_backend(name: str | None) -> Iterator[None]:
         _FORCED_BACKEND = prev
 
 
+_FLEX = None
+
+
+def _flex():
+    """flex_attention, compiled once on CUDA (eager flex materialises the full score matrix)."""
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX = torch.compile(flex_attention) if torch.cuda.is_available() else flex_attention
+    return _FLEX
+
+
 def _math_attention(q, k, v, mask, scale):
     att = (q @ k.transpose(-2, -1)) * scale  # (B, H, Lq, Lk)
     if mask is not None:
@@ -72,9 +85,7 @@ def attention(
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
         return out.transpose(1, 2)
     if backend == "flex":
-        from torch.nn.attention.flex_attention import flex_attention
-
-        return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+        return _flex()(q, k, v, block_mask=block_mask, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
@@ -107,6 +118,7 @@ class Rotary(torch.nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, H, L, E); cos/sin broadcastable to it. Rotate-half convention."""
-    x1, x2 = x.chunk(2, dim=-1)
+    xf = x.float()  # rotate in float32 whatever the model's dtype, then come back
+    x1, x2 = xf.chunk(2, dim=-1)
     rot = torch.cat([-x2, x1], dim=-1)
-    return x * cos + rot * sin
+    return (xf * cos + rot * sin).to(x.dtype)

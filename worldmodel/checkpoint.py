@@ -36,6 +36,7 @@ def save_checkpoint(
     """Write `config.json`, one `<group>.safetensors` per entry of `tensors`, and `state.json`, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -44,22 +45,37 @@ def save_checkpoint(
             save_file({k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}, str(tmp / f"{group}.safetensors"))
         if state is not None:
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        old = path.with_name(f".{path.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old.exists():
-            shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, path)
     return path
+
+
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Move a finished folder into place: the old copy is set aside first, so a kill at any point leaves
+    either the old or the new folder under `path` (or `.NAME.old`, which `recover` puts back)."""
+    old = path.with_name(f".{path.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def recover(path: str | os.PathLike) -> None:
+    """Finish a save that a kill interrupted between its two renames (only `.NAME.old` is left)."""
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if not path.exists() and old.exists():
+        os.replace(old, path)
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
+    recover(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     cfg_file = path / "config.json"

@@ -114,6 +114,21 @@ class DiTConfig:
         return self.sink_chunks + self.window_chunks + 1
 
 
+@dataclass
+class SamplingConfig:
+    """How a world model samples: Euler steps per chunk, action guidance scale, time shift."""
+
+    steps: int = 8
+    guidance: float = 1.0
+    shift: float = 1.0
+
+    def __post_init__(self) -> None:
+        if int(self.steps) != self.steps or self.steps < 1:
+            raise ValueError(f"denoising steps must be an integer >= 1, got {self.steps}")
+        if self.shift <= 0:
+            raise ValueError(f"time shift must be positive, got {self.shift}")
+
+
 # Size presets, one registry; the CLI reuses its keys as choices.
 DIT_PRESETS: dict[str, dict[str, Any]] = {
     # tests
@@ -144,4 +159,4 @@ def from_dict(cls: type, d: dict[str, Any]) -> Any:
     return cls(**d)
 
 
-__all__ = ["TokenizerConfig", "DiTConfig", "DIT_PRESETS", "dit_config", "to_dict", "from_dict", "field"]
+__all__ = ["TokenizerConfig", "DiTConfig", "SamplingConfig", "DIT_PRESETS", "dit_config", "to_dict", "from_dict", "field"]

@@ -135,6 +135,7 @@ class CausalDiT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.depth))
         self.final = FinalLayer(D, cfg.in_channels * p * p)
         self.heads = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, cfg.head_hidden), nn.SiLU(), nn.Linear(cfg.head_hidden, 3))
+        self._block_masks: dict = {}  # flex-attention masks of the pack, by (chunks, device)
         self.initialize_weights()
 
     @property
@@ -255,7 +256,12 @@ class CausalDiT(nn.Module):
             sink_key = (chunk < S) & ~is_noisy  # (2L,)
 
         # On CUDA the pack's block structure goes to flex attention as a block-sparse mask.
-        block_mask = pack_block_mask(mask) if x.is_cuda and not clamp else None
+        block_mask = None
+        if x.is_cuda and not clamp:
+            key = (n, str(x.device))
+            if key not in self._block_masks:
+                self._block_masks[key] = pack_block_mask(mask)
+            block_mask = self._block_masks[key]
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             qa, ka = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

@@ -9,16 +9,18 @@ A world-model folder (what training exports and `assets/` ships):
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, load_into, read_config, save_checkpoint
-from .config import DiTConfig, from_dict, to_dict
+from .checkpoint import CheckpointError, load_into, read_config, replace_dir, save_checkpoint
+from .config import DiTConfig, SamplingConfig, from_dict, to_dict
 from .dit import CausalDiT, Heads
 from .flow import sampling_levels
 from .sampler import denoise, recache
@@ -35,7 +37,11 @@ def load_dit(path: str | os.PathLike, device: str | torch.device = "cpu", group:
     meta = read_config(path)
     if meta.get("kind") != "dit":
         raise CheckpointError(f"{str(path)!r} is not a DiT checkpoint (kind {meta.get('kind')!r})")
-    model = CausalDiT(from_dict(DiTConfig, meta["config"]))
+    try:
+        cfg = from_dict(DiTConfig, meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"the DiT config in {str(path)!r} is invalid: {e}") from None
+    model = CausalDiT(cfg)
     load_into(model, path, group)
     return model.to(device).eval()
 
@@ -45,8 +51,14 @@ def load_start_frames(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no start frames at {str(path)!r}")
-    with np.load(path, allow_pickle=False) as z:
-        return z["frames"], z["actions"]
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            frames, actions = z["frames"], z["actions"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"start frames {str(path)!r} are corrupt: {e}") from None
+    if frames.ndim != 5 or frames.dtype != np.uint8 or actions.shape != frames.shape[:2]:
+        raise CheckpointError(f"start frames {str(path)!r} must hold frames (K, T, H, W, 3) uint8 and actions (K, T); got {frames.dtype} {frames.shape} and {actions.shape}")
+    return frames, actions
 
 
 class WorldModel:
@@ -56,10 +68,11 @@ class WorldModel:
         if tuple(tokenizer.cfg.latent_size) != tuple(dit.cfg.latent_size) or tokenizer.cfg.channels != dit.cfg.in_channels:
             raise ValueError(f"tokenizer latents {tokenizer.cfg.channels}x{tokenizer.cfg.latent_size} do not match the DiT's {dit.cfg.in_channels}x{dit.cfg.latent_size}")
         self.dit, self.tokenizer, self.info = dit, tokenizer, info
-        sampling = info.get("sampling", {})
-        self.steps = int(steps if steps is not None else sampling.get("steps", 8))
-        self.guidance = float(guidance if guidance is not None else sampling.get("guidance", 1.0))
-        self.levels = sampling_levels(self.steps, float(sampling.get("shift", 1.0)))
+        sampling = from_dict(SamplingConfig, info["sampling"])
+        overrides = {k: v for k, v in (("steps", steps), ("guidance", guidance)) if v is not None}
+        self.sampling = dataclasses.replace(sampling, **overrides)  # validates the overrides too
+        self.steps, self.guidance = self.sampling.steps, self.sampling.guidance
+        self.levels = sampling_levels(self.steps, self.sampling.shift)
         self.batch = batch
         self.cache = dit.new_cache(batch)
         self.device = next(dit.parameters()).device
@@ -74,8 +87,17 @@ class WorldModel:
         info = read_config(path)
         if info.get("kind") != "world_model":
             raise CheckpointError(f"{str(path)!r} is not a world-model folder (config.json kind is {info.get('kind')!r}, want 'world_model')")
+        if info.get("format_version") != MODEL_FORMAT_VERSION:
+            raise CheckpointError(f"{str(path)!r} has format_version {info.get('format_version')!r}; this code reads {MODEL_FORMAT_VERSION}")
         dit = load_dit(path / "dit", device)
         tok = FrameTokenizer.load(path / "tokenizer", device=device).eval()
+        meanings = info.get("action_meanings")
+        if not isinstance(meanings, list) or len(meanings) != dit.cfg.num_actions:
+            raise CheckpointError(f"{str(path)!r}: config.json names {meanings!r} as actions but the DiT has {dit.cfg.num_actions}")
+        try:
+            from_dict(SamplingConfig, info.get("sampling", {}))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{str(path)!r}: invalid sampling settings in config.json: {e}") from None
         return cls(dit, tok, info, steps=steps, guidance=guidance, batch=batch)
 
     # ----- properties -----
@@ -203,12 +225,14 @@ def export_world_model(path: str | os.PathLike, dit: CausalDiT, tokenizer_dir: s
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    (tmp / "config.json").write_text(json.dumps({"kind": "world_model", "format_version": MODEL_FORMAT_VERSION, **info}, indent=2))
-    save_dit(dit, tmp / "dit")
-    shutil.copytree(tokenizer_dir, tmp / "tokenizer")
-    np.savez_compressed(tmp / "start_frames.npz", frames=start_frames, actions=start_actions)
-    (tmp / "README.md").write_text(card)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    try:
+        (tmp / "config.json").write_text(json.dumps({"kind": "world_model", "format_version": MODEL_FORMAT_VERSION, **info}, indent=2))
+        save_dit(dit, tmp / "dit")
+        shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+        np.savez_compressed(tmp / "start_frames.npz", frames=start_frames, actions=start_actions)
+        (tmp / "README.md").write_text(card)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, path)
     return path

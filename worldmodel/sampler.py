@@ -10,7 +10,7 @@ from .flow import euler_step, guided
 
 def velocity(model: CausalDiT, x: torch.Tensor, s: float, actions: torch.Tensor, cache: KVCache, guidance: float) -> torch.Tensor:
     """Velocity for chunk x (B, F, C, h, w) at level s, with action guidance when guidance != 1."""
-    t = torch.full(actions.shape, s, device=x.device, dtype=x.dtype)
+    t = torch.full(actions.shape, s, device=x.device, dtype=torch.float32)  # levels stay float32
     v, _ = model.forward_cached(x, t, actions, cache)
     if guidance != 1.0:
         v_null, _ = model.forward_cached(x, t, torch.full_like(actions, model.null_action), cache)
@@ -37,6 +37,6 @@ def generate_chunk(model: CausalDiT, cache: KVCache, actions: torch.Tensor, nois
 @torch.no_grad()
 def recache(model: CausalDiT, cache: KVCache, x0: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, Heads]:
     """Run a clean chunk at t=0 and write its keys/values into the cache (important: t must be 0)."""
-    t = torch.zeros(actions.shape, device=x0.device, dtype=x0.dtype)
+    t = torch.zeros(actions.shape, device=x0.device, dtype=torch.float32)
     _, heads = model.forward_cached(x0, t, actions, cache, commit=True)
     return x0, heads
