@@ -64,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--export-only", action="store_true", help="write RUN/model from the latest checkpoint (EMA weights) without training")
     args = p.parse_args(argv)
     for name in ("steps", "batch_size", "frames", "window_chunks", "ckpt_every", "log_every", "sample_steps"):
         if getattr(args, name) <= 0:
@@ -208,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if d.is_main:
             print(f"resumed from {ckpt} at step {step}")
+    elif args.export_only:
+        print(f"error: --export-only needs a checkpoint in {ckpt}", file=sys.stderr)
+        return 2
+    if args.export_only:
+        args.steps = step  # nothing to train
     n_params = sum(p.numel() for p in dit.parameters())
     model: torch.nn.Module = PackForward(dit)
     if world > 1:
@@ -325,7 +331,7 @@ def start_contexts(data: Path, n: int, length: int) -> tuple[np.ndarray, np.ndar
 
 def model_card(args: argparse.Namespace, meta: dict, n_params: int, step: int, wall: float, d) -> str:
     hw = torch.cuda.get_device_name(0) if d.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    cmd = "python -m train.teacher " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
+    cmd = "python -m train.teacher " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "export_only")
     return (
         f"# World model: {meta['game']} (teacher)\n\n"
         f"- Stage: teacher (flow matching, teacher forcing), preset `{args.preset}`, {n_params / 1e6:.2f}M parameters\n"
