@@ -62,6 +62,10 @@ def test_teacher_outputs_and_resume(teacher, data, tokenizer):
     assert "resumed from" in p.stdout and "at step 3" in p.stdout
     steps = [json.loads(line)["step"] for line in (teacher / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]
+    # --export-only rewrites the model from the checkpoint; the card keeps the arguments it trained with
+    p = run("-m", "train.teacher", "--data", str(data), "--tokenizer", str(tokenizer), "--out", str(teacher), "--steps", "99", "--export-only", *TEACHER)
+    card = (teacher / "model" / "README.md").read_text()
+    assert "Optimizer steps: 5" in card and "--steps 5 " in card and "--steps 99" not in card
 
 
 def test_teacher_under_torchrun(data, tokenizer, tmp_path):

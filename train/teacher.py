@@ -199,11 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     dit = CausalDiT(cfg).to(d.device)
     ema = copy.deepcopy(dit).eval().requires_grad_(False)
     opt = torch.optim.AdamW(dit.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
-    step = 0
+    step, wall_before = 0, 0.0  # wall time of earlier (killed) parts of this run
+    train_args = args  # the arguments the checkpoint was trained with (for the model card)
     recover(ckpt)
     if ckpt.exists():
         try:
-            step = resume(ckpt, cfg, dit, ema, opt, d.device)
+            step, state = resume(ckpt, cfg, dit, ema, opt, d.device)
         except CheckpointError as e:
             print(f"error: cannot resume: {e}", file=sys.stderr)
             return 2
@@ -214,19 +215,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.export_only:
         args.steps = step  # nothing to train
+        train_args = argparse.Namespace(**state["args"])
+    if ckpt.exists():
+        wall_before = float(state.get("wall_s", 0.0))  # checkpoints before wall_s was recorded count 0
     n_params = sum(p.numel() for p in dit.parameters())
     model: torch.nn.Module = PackForward(dit)
     if world > 1:
         model = DDP(model)
     log = Logger(out, enabled=d.is_main)
     if d.is_main:
-        write_json(out / "args.json", vars(args))
+        if not args.export_only:
+            write_json(out / "args.json", vars(args))
         print(f"teacher {args.preset}: {n_params / 1e6:.2f}M parameters, {cfg.tokens_per_frame} tokens/frame, {args.frames} frames/window, {world} process(es) on {d.device}")
 
     def save(step: int) -> None:
         if d.is_main:
             otensors, oskel = flatten_optimizer(opt)
-            save_checkpoint(ckpt, {"kind": "dit", "config": to_dict(cfg)}, {"model": ema.state_dict(), "raw": dit.state_dict(), "optimizer": otensors}, {"step": step, "optimizer": oskel, "args": vars(args)})
+            save_checkpoint(ckpt, {"kind": "dit", "config": to_dict(cfg)}, {"model": ema.state_dict(), "raw": dit.state_dict(), "optimizer": otensors}, {"step": step, "optimizer": oskel, "args": vars(args), "wall_s": wall_before + time.time() - t0})
         barrier()
 
     # 3. train
@@ -277,15 +282,15 @@ def main(argv: list[str] | None = None) -> int:
             "sampling": to_dict(SamplingConfig(steps=args.sample_steps)),
             "trained": {"stage": "teacher", "steps": step, "preset": args.preset, "data": str(data)},
         }
-        card = model_card(args, meta, n_params, step, time.time() - t0, d)
+        card = model_card(train_args, meta, n_params, step, wall_before + time.time() - t0, d)
         export_world_model(out / "model", ema, args.tokenizer, info, frames, actions, card)
         print(f"exported world model to {out / 'model'}")
     cleanup_dist()
     return 0
 
 
-def resume(ckpt: Path, cfg: DiTConfig, dit: CausalDiT, ema: CausalDiT, opt: torch.optim.Optimizer, device: torch.device) -> int:
-    """Load raw and EMA weights and the optimizer from a training checkpoint; returns its step."""
+def resume(ckpt: Path, cfg: DiTConfig, dit: CausalDiT, ema: CausalDiT, opt: torch.optim.Optimizer, device: torch.device) -> tuple[int, dict]:
+    """Load raw and EMA weights and the optimizer from a training checkpoint; returns its step and state."""
     saved = read_config(ckpt)
     try:
         same = from_dict(DiTConfig, saved.get("config", {})) == cfg
@@ -299,7 +304,7 @@ def resume(ckpt: Path, cfg: DiTConfig, dit: CausalDiT, ema: CausalDiT, opt: torc
     load_into(dit, ckpt, "raw")
     load_into(ema, ckpt, "model")
     unflatten_optimizer(opt, {k: v.to(device) for k, v in load_tensors(ckpt, "optimizer").items()}, state["optimizer"])
-    return int(state["step"])
+    return int(state["step"]), state
 
 
 def read_config_json(path: Path) -> dict:
@@ -337,7 +342,7 @@ def model_card(args: argparse.Namespace, meta: dict, n_params: int, step: int, w
         f"- Stage: teacher (flow matching, teacher forcing), preset `{args.preset}`, {n_params / 1e6:.2f}M parameters\n"
         f"- Data: {meta.get('splits', {}).get('train', {}).get('steps', '?')} training steps of real {meta['game']} play recorded by `train.collect`\n"
         f"- Optimizer steps: {step}, batch {args.batch_size} windows of {args.frames} frames\n"
-        f"- Hardware: {hw} x {d.world_size} process(es); wall time {wall / 60:.1f} min (this run, including resumed parts only)\n"
+        f"- Hardware: {hw} x {d.world_size} process(es); wall time {wall / 60:.1f} min (latent encoding and training, all resumed parts)\n"
         f"- Samples with {args.sample_steps} Euler steps by default\n\n"
         f"Reproduce:\n\n    {cmd}\n"
     )
