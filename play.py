@@ -86,7 +86,8 @@ def play(args: argparse.Namespace) -> int:
     wm, frames, actions = load(args)
     meanings = wm.info["action_meanings"]
     H, W, _ = wm.frame_shape
-    pygame.init()
+    pygame.display.init()  # display and fonts only: no audio device is needed
+    pygame.font.init()
     header = 28
     screen = pygame.display.set_mode((W * args.scale, H * args.scale + header))
     pygame.display.set_caption(f"world model: {wm.info['game']}")
