@@ -149,3 +149,15 @@ def test_teacher_refuses_a_broken_checkpoint(data, tokenizer, tmp_path):
 def test_play_rejects_bad_flags(teacher):
     p = run("play.py", "--model", str(teacher / "model"), "--headless", "2", "--steps", "0", ok=False)
     assert p.returncode != 0 and "--steps >= 1" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_model_folder_without_sampling_settings(teacher, tmp_path):
+    import shutil
+
+    bad = tmp_path / "nosampling"
+    shutil.copytree(teacher / "model", bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    del cfg["sampling"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="sampling settings"):
+        WorldModel.load(bad)

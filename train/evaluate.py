@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import torch
 
-from envs.dataset import list_shards, load_shard, read_meta
+from envs.dataset import episodes, list_shards, load_shard, read_meta
 from worldmodel.checkpoint import CheckpointError
 from worldmodel.runtime import WorldModel
 
@@ -46,9 +46,7 @@ def heldout_clips(data: Path, n: int, length: int, seed: int) -> tuple[np.ndarra
     frames, actions = [], []
     for shard in list_shards(data, "heldout"):
         arr = load_shard(shard)
-        starts = np.flatnonzero(arr["first"])
-        ends = list(starts[1:]) + [len(arr["first"])]
-        for s, e in zip(starts, ends):
+        for s, e in episodes(arr):
             if e - s < length:
                 continue
             o = s + int(rng.integers(0, e - s - length + 1))

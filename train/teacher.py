@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import sys
 import time
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from envs.dataset import iter_windows, list_shards, load_shard, read_meta
+from envs.dataset import episodes, iter_windows, list_shards, load_shard, read_meta
 from train.common import Logger, all_reduce_mean, barrier, cleanup_dist, ema_update, seed_everything, setup_dist, write_json
 from worldmodel.checkpoint import CheckpointError, flatten_optimizer, load_into, load_tensors, read_config, read_state, recover, save_checkpoint, unflatten_optimizer
 from worldmodel.config import DIT_PRESETS, DiTConfig, SamplingConfig, dit_config, from_dict, to_dict
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     lat_dir = out / "latents"
     stamp = lat_dir / "tokenizer.json"
     tok_id = read_config(args.tokenizer)
-    if stamp.exists() and read_config_json(stamp) != tok_id:  # every rank checks, so all exit together
+    if stamp.exists() and json.loads(stamp.read_text()) != tok_id:  # every rank checks, so all exit together
         print(f"error: {lat_dir} was encoded with another tokenizer; delete it or use a new --out", file=sys.stderr)
         return 2
     d = setup_dist(args.device)
@@ -307,21 +308,13 @@ def resume(ckpt: Path, cfg: DiTConfig, dit: CausalDiT, ema: CausalDiT, opt: torc
     return int(state["step"]), state
 
 
-def read_config_json(path: Path) -> dict:
-    import json
-
-    return json.loads(path.read_text())
-
-
 def start_contexts(data: Path, n: int, length: int) -> tuple[np.ndarray, np.ndarray]:
     """The first `length` frames (and actions) of up to n held-out episodes (train episodes if none)."""
     frames, actions = [], []
     for split in ("heldout", "train"):
         for shard in list_shards(data, split):
             arr = load_shard(shard)
-            starts = np.flatnonzero(arr["first"])
-            ends = list(starts[1:]) + [len(arr["first"])]
-            for s, e in zip(starts, ends):
+            for s, e in episodes(arr):
                 if e - s >= length:
                     frames.append(arr["frames"][s:s + length])
                     actions.append(arr["actions"][s:s + length])

@@ -68,7 +68,10 @@ class WorldModel:
         if tuple(tokenizer.cfg.latent_size) != tuple(dit.cfg.latent_size) or tokenizer.cfg.channels != dit.cfg.in_channels:
             raise ValueError(f"tokenizer latents {tokenizer.cfg.channels}x{tokenizer.cfg.latent_size} do not match the DiT's {dit.cfg.in_channels}x{dit.cfg.latent_size}")
         self.dit, self.tokenizer, self.info = dit, tokenizer, info
-        sampling = from_dict(SamplingConfig, info["sampling"])
+        try:
+            sampling = from_dict(SamplingConfig, info["sampling"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"the world model's sampling settings (config.json 'sampling') are missing or invalid: {e!r}") from None
         overrides = {k: v for k, v in (("steps", steps), ("guidance", guidance)) if v is not None}
         self.sampling = dataclasses.replace(sampling, **overrides)  # validates the overrides too
         self.steps, self.guidance = self.sampling.steps, self.sampling.guidance
@@ -94,10 +97,6 @@ class WorldModel:
         meanings = info.get("action_meanings")
         if not isinstance(meanings, list) or len(meanings) != dit.cfg.num_actions:
             raise CheckpointError(f"{str(path)!r}: config.json names {meanings!r} as actions but the DiT has {dit.cfg.num_actions}")
-        try:
-            from_dict(SamplingConfig, info.get("sampling", {}))
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{str(path)!r}: invalid sampling settings in config.json: {e}") from None
         return cls(dit, tok, info, steps=steps, guidance=guidance, batch=batch)
 
     # ----- properties -----
