@@ -3,9 +3,6 @@ runtime on what they produced. One small dataset is recorded once per session.""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,43 +11,7 @@ import pytest
 from worldmodel.checkpoint import CheckpointError
 from worldmodel.runtime import WorldModel
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-
-
-def run(*args: str, ok: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-    if ok:
-        assert p.returncode == 0, f"{args} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-    return p
-
-
-def torchrun(*args: str) -> subprocess.CompletedProcess:
-    return run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args)
-
-
-@pytest.fixture(scope="session")
-def data(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("data")
-    run("-m", "train.collect", "--game", "Breakout", "--out", str(d), "--steps", "500", "--heldout-steps", "300", "--episodes-per-shard", "2", "--max-episode-steps", "120", "--seed", "3")
-    return d
-
-
-@pytest.fixture(scope="session")
-def tokenizer(data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tok")
-    run("-m", "train.tokenizer", "--data", str(data), "--out", str(out), "--kind", "patch")
-    return out / "tokenizer"
-
-
-TEACHER = ("--preset", "tiny", "--batch-size", "2", "--frames", "4", "--window-chunks", "3", "--log-every", "1", "--ckpt-every", "2", "--sample-steps", "2")
-
-
-@pytest.fixture(scope="session")
-def teacher(data, tokenizer, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("teacher")
-    run("-m", "train.teacher", "--data", str(data), "--tokenizer", str(tokenizer), "--out", str(out), "--steps", "3", *TEACHER)
-    return out
+from tests.conftest import ROOT, TEACHER, run, torchrun
 
 
 def test_teacher_outputs_and_resume(teacher, data, tokenizer):

@@ -109,25 +109,40 @@ class KVCache:
         """q/k/v (B, H, tpc, E) of the current chunk, unrotated -> attention output (B, H, tpc, E)."""
         r = self._read
         assert r is not None, "KVCache.begin() must be called before attend()"
-        self.k[layer, :, :, 0] = k  # scratch slot
-        self.v[layer, :, :, 0] = v
         n, B, H, E = r["n"], self.batch, self.cfg.heads, self.cfg.head_dim
-        keys = self.k[layer, :, :, :n].reshape(B, H, n * self.tpc, E)  # (B, H, Lk, E), unrotated
-        vals = self.v[layer, :, :, :n].reshape(B, H, n * self.tpc, E)
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            # Training through generation (Self Forcing): the scratch gets a detached copy (the cache is
+            # detached between chunks) and this forward attends to [k | cached slots] built out of place,
+            # so later in-place cache writes cannot invalidate the graph.
+            self.k[layer, :, :, 0] = k.detach()
+            self.v[layer, :, :, 0] = v.detach()
+            past_k = self.k[layer, :, :, 1:n].reshape(B, H, (n - 1) * self.tpc, E)
+            past_v = self.v[layer, :, :, 1:n].reshape(B, H, (n - 1) * self.tpc, E)
+            keys, vals = torch.cat([k, past_k], dim=2), torch.cat([v, past_v], dim=2)  # (B, H, Lk, E)
+        else:
+            self.k[layer, :, :, 0] = k  # scratch slot
+            self.v[layer, :, :, 0] = v
+            keys = self.k[layer, :, :, :n].reshape(B, H, n * self.tpc, E)  # (B, H, Lk, E), unrotated
+            vals = self.v[layer, :, :, :n].reshape(B, H, n * self.tpc, E)
         q = apply_rotary(q, r["q_cos"], r["q_sin"])
         keys = apply_rotary(keys, r["k_cos"], r["k_sin"])
         return attention(q, keys, vals, mask=r["mask"])
 
-    def commit(self) -> None:
-        """Move the scratch slot (the clean chunk just run at t=0) into its permanent slot."""
-        i = self.n_chunks
-        slot = self.home_slot(i)  # (B,)
-        b = torch.arange(self.batch, device=i.device)
+    def commit(self, worlds: torch.Tensor | None = None) -> None:
+        """Move the scratch slot (the clean chunk just run at t=0) into its permanent slot.
+        `worlds` (B,) bool: commit only those worlds (e.g. the ones being reset); the rest keep their context."""
+        b = torch.arange(self.batch, device=self.n_chunks.device)
+        if worlds is not None:
+            if worlds.shape != (self.batch,) or worlds.dtype != torch.bool:
+                raise ValueError(f"worlds must be a ({self.batch},) bool mask, got {worlds.dtype} {tuple(worlds.shape)}")
+            b = b[worlds.to(b.device)]
+        i = self.n_chunks[b]
+        slot = self.home_slot(i)  # (b,)
         # advanced indices split by a slice put the batch dim first: (B, depth, H, tpc, E)
-        self.k[:, b, :, slot] = self.k[:, :, :, 0].transpose(0, 1)
-        self.v[:, b, :, slot] = self.v[:, :, :, 0].transpose(0, 1)
+        self.k[:, b, :, slot] = self.k[:, b, :, 0].transpose(0, 1)
+        self.v[:, b, :, slot] = self.v[:, b, :, 0].transpose(0, 1)
         self.slot_chunk[b, slot] = i
-        self.n_chunks += 1
+        self.n_chunks[b] += 1
         self._read = None
 
     def max_position(self) -> int:

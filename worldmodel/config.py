@@ -114,17 +114,28 @@ class DiTConfig:
         return self.sink_chunks + self.window_chunks + 1
 
 
+SOLVERS = ("euler", "consistency")
+
+
 @dataclass
 class SamplingConfig:
-    """How a world model samples: Euler steps per chunk, action guidance scale, time shift."""
+    """How a world model samples: steps per chunk, action guidance scale, time shift, step rule.
+
+    `solver` "euler" follows the probability-flow ODE (deterministic; the teacher's sampler); "consistency"
+    predicts the clean chunk at every level and re-noises it with fresh noise to the next level (the
+    multistep sampler of consistency models and DMD students). Both agree at one step.
+    """
 
     steps: int = 8
     guidance: float = 1.0
     shift: float = 1.0
+    solver: str = "euler"
 
     def __post_init__(self) -> None:
         if int(self.steps) != self.steps or self.steps < 1:
             raise ValueError(f"denoising steps must be an integer >= 1, got {self.steps}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"unknown solver {self.solver!r}; choose one of {SOLVERS}")
         if self.shift <= 0:
             raise ValueError(f"time shift must be positive, got {self.shift}")
 

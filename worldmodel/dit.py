@@ -279,11 +279,12 @@ class CausalDiT(nn.Module):
         return v, self.read_heads(feats[:, :T])
 
     # ----- generation: one chunk against the KV cache -----
-    def forward_cached(self, x: torch.Tensor, t: torch.Tensor, actions: torch.Tensor, cache: KVCache, commit: bool = False) -> tuple[torch.Tensor, Heads]:
+    def forward_cached(self, x: torch.Tensor, t: torch.Tensor, actions: torch.Tensor, cache: KVCache, commit: bool | torch.Tensor = False) -> tuple[torch.Tensor, Heads]:
         """x (B, F, C, h, w) one chunk, t/actions (B, F). Attends to the cache and itself.
 
         With commit=True (the clean re-cache pass; important: it must run at t=0 on the final clean
-        chunk), the chunk's keys/values become permanent context for the chunks after it.
+        chunk), the chunk's keys/values become permanent context for the chunks after it. A (B,) bool
+        tensor commits only those worlds.
         """
         if x.shape[1] != self.cfg.frames_per_chunk:
             raise ValueError(f"forward_cached takes one chunk of {self.cfg.frames_per_chunk} frame(s), got {x.shape[1]}")
@@ -291,7 +292,9 @@ class CausalDiT(nn.Module):
             raise ValueError(f"batch of {x.shape[0]} worlds does not match the cache's {cache.batch}")
         cache.begin()
         out, feats = self._body(self.patchify(x), self.condition(t, actions), cache.attend)
-        if commit:
+        if isinstance(commit, torch.Tensor):
+            cache.commit(commit)
+        elif commit:
             cache.commit()
         return self.unpatchify(out), self.read_heads(feats)
 

@@ -154,13 +154,45 @@ class WorldModel:
             raise RuntimeError("call reset(context frames, actions) before observe()")
         self._observe(*self._check_frames(frames, actions))
 
-    def _observe(self, frames: np.ndarray, a: torch.Tensor) -> None:
+    @torch.no_grad()
+    def reset_worlds(self, worlds: Sequence[int] | np.ndarray, frames: np.ndarray, actions: np.ndarray) -> None:
+        """Restart only the given worlds from real context (frames (k, T, H, W, 3) uint8, actions (k, T));
+        the other worlds keep their context. Used by the vector env's autoreset."""
+        if not self._started:
+            raise RuntimeError("call reset(context frames, actions) before reset_worlds()")
+        idx = np.asarray(worlds, dtype=np.int64).reshape(-1)
+        if idx.size == 0:
+            return
+        if idx.min() < 0 or idx.max() >= self.batch or len(set(idx.tolist())) != idx.size:
+            raise ValueError(f"worlds must be distinct indices in [0, {self.batch - 1}], got {idx.tolist()}")
+        frames = np.asarray(frames)
+        H, W, _ = self.frame_shape
+        if frames.ndim != 5 or frames.shape[0] != idx.size or frames.shape[2:] != (H, W, 3) or frames.dtype != np.uint8:
+            raise ValueError(f"context frames must be uint8 of shape ({idx.size}, T, {H}, {W}, 3), got {frames.dtype} {frames.shape}")
+        T = frames.shape[1]
+        if T < self.frames_per_chunk or T % self.frames_per_chunk:
+            raise ValueError(f"context of {T} frames is not a whole number (>= 1) of {self.frames_per_chunk}-frame chunks")
+        a = self._check_actions(actions, frames.shape[:2])
+        full = np.zeros((self.batch, *frames.shape[1:]), dtype=np.uint8)  # rows of the other worlds are run but not committed
+        full[idx] = frames
+        full_a = torch.zeros(self.batch, T, dtype=torch.long, device=self.device)
+        full_a[torch.from_numpy(idx).to(self.device)] = a
+        mask = torch.zeros(self.batch, dtype=torch.bool, device=self.device)
+        mask[torch.from_numpy(idx).to(self.device)] = True
+        self.cache.reset(torch.from_numpy(idx))
+        old = self.heads
+        self._observe(full, full_a, mask)
+        if old is not None:  # keep the other worlds' heads of their last step
+            m = mask[:, None]
+            self.heads = Heads(*(torch.where(m, new, prev) for new, prev in ((self.heads.reward_logit, old.reward_logit), (self.heads.reward_value, old.reward_value), (self.heads.end_logit, old.end_logit))))
+
+    def _observe(self, frames: np.ndarray, a: torch.Tensor, worlds: torch.Tensor | None = None) -> None:
         B, T, H, W, _ = frames.shape
         Fc = self.frames_per_chunk
         lat = self.tokenizer.encode(torch.from_numpy(frames.reshape(B * T, H, W, 3)).to(self.device))
         lat = lat.reshape(B, T, *lat.shape[1:]).to(self.dtype)  # (B, T, C, h, w)
         for i in range(T // Fc):
-            _, self.heads = recache(self.dit, self.cache, lat[:, i * Fc:(i + 1) * Fc], a[:, i * Fc:(i + 1) * Fc])
+            _, self.heads = recache(self.dit, self.cache, lat[:, i * Fc:(i + 1) * Fc], a[:, i * Fc:(i + 1) * Fc], worlds)
 
     def _denoise(self, actions) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._started:
@@ -169,7 +201,7 @@ class WorldModel:
         a = self._check_actions(actions, (self.batch,))[:, None].expand(self.batch, Fc)  # the action holds for the whole chunk
         cfg = self.dit.cfg
         noise = torch.randn(self.batch, Fc, cfg.in_channels, *cfg.latent_size, generator=self.generator, device=self.device, dtype=self.dtype)
-        return denoise(self.dit, self.cache, a, noise, self.levels, self.guidance), a
+        return denoise(self.dit, self.cache, a, noise, self.levels, self.guidance, self.sampling.solver, self.generator), a
 
     def _decode(self, x0: torch.Tensor) -> np.ndarray:
         frames = self.tokenizer.decode(x0.flatten(0, 1).float())  # (B*F, H, W, 3) uint8

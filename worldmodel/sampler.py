@@ -1,11 +1,16 @@
-"""Autoregressive generation with the KV cache: denoise a chunk in N Euler steps, then re-cache it at t=0."""
+"""Autoregressive generation with the KV cache: denoise a chunk in N steps, then re-cache it at t=0.
+
+Two step rules along a decreasing list of levels (see `SamplingConfig.solver`):
+- "euler": x <- x + (s_next - s) v, the probability-flow ODE (the teacher);
+- "consistency": x0 = x - s v, then x <- (1 - s_next) x0 + s_next eps_fresh (consistency / DMD students).
+"""
 from __future__ import annotations
 
 import torch
 
 from .cache import KVCache
 from .dit import CausalDiT, Heads
-from .flow import euler_step, guided
+from .flow import add_noise, euler_step, guided, x0_from_velocity
 
 
 def velocity(model: CausalDiT, x: torch.Tensor, s: float, actions: torch.Tensor, cache: KVCache, guidance: float) -> torch.Tensor:
@@ -18,25 +23,42 @@ def velocity(model: CausalDiT, x: torch.Tensor, s: float, actions: torch.Tensor,
     return v
 
 
+def solver_step(x: torch.Tensor, v: torch.Tensor, s: float, s_next: float, solver: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One step from level s to s_next, computed in float32 and returned in x's dtype."""
+    xf, vf = x.float(), v.float()
+    if solver == "euler":
+        out = euler_step(xf, vf, s, s_next)
+    elif solver == "consistency":
+        x0 = x0_from_velocity(xf, vf, torch.full(x.shape[:2], s, device=x.device))
+        if s_next == 0:
+            out = x0
+        else:
+            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+            out = add_noise(x0, eps, torch.full(x.shape[:2], s_next, device=x.device))
+    else:
+        raise ValueError(f"unknown solver {solver!r}")
+    return out.to(x.dtype)
+
+
 @torch.no_grad()
-def denoise(model: CausalDiT, cache: KVCache, actions: torch.Tensor, noise: torch.Tensor, levels: list[float], guidance: float = 1.0) -> torch.Tensor:
+def denoise(model: CausalDiT, cache: KVCache, actions: torch.Tensor, noise: torch.Tensor, levels: list[float], guidance: float = 1.0, solver: str = "euler", generator: torch.Generator | None = None) -> torch.Tensor:
     """Denoise one chunk from `noise` (B, F, C, h, w) along `levels` (1 -> 0); the cache is read, not extended."""
     x = noise
     for s, s_next in zip(levels[:-1], levels[1:]):
-        v = velocity(model, x, s, actions, cache, guidance)
-        x = euler_step(x.float(), v.float(), s, s_next).to(noise.dtype)
+        x = solver_step(x, velocity(model, x, s, actions, cache, guidance), s, s_next, solver, generator)
     return x
 
 
 @torch.no_grad()
-def generate_chunk(model: CausalDiT, cache: KVCache, actions: torch.Tensor, noise: torch.Tensor, levels: list[float], guidance: float = 1.0) -> tuple[torch.Tensor, Heads]:
+def generate_chunk(model: CausalDiT, cache: KVCache, actions: torch.Tensor, noise: torch.Tensor, levels: list[float], guidance: float = 1.0, solver: str = "euler", generator: torch.Generator | None = None) -> tuple[torch.Tensor, Heads]:
     """Denoise one chunk, then commit it to the cache. Returns the clean chunk and the heads of its re-cache pass."""
-    return recache(model, cache, denoise(model, cache, actions, noise, levels, guidance), actions)
+    return recache(model, cache, denoise(model, cache, actions, noise, levels, guidance, solver, generator), actions)
 
 
 @torch.no_grad()
-def recache(model: CausalDiT, cache: KVCache, x0: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, Heads]:
-    """Run a clean chunk at t=0 and write its keys/values into the cache (important: t must be 0)."""
+def recache(model: CausalDiT, cache: KVCache, x0: torch.Tensor, actions: torch.Tensor, worlds: torch.Tensor | None = None) -> tuple[torch.Tensor, Heads]:
+    """Run a clean chunk at t=0 and write its keys/values into the cache (important: t must be 0).
+    `worlds` (B,) bool: commit only those worlds (the others' caches are left as they were)."""
     t = torch.zeros(actions.shape, device=x0.device, dtype=torch.float32)
-    _, heads = model.forward_cached(x0, t, actions, cache, commit=True)
+    _, heads = model.forward_cached(x0, t, actions, cache, commit=True if worlds is None else worlds)
     return x0, heads
