@@ -118,7 +118,7 @@ class Rotary(torch.nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, H, L, E); cos/sin broadcastable to it. Rotate-half convention."""
-    xf = x.float()  # rotate in float32 whatever the model's dtype, then come back
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))  # rotate in float32 or wider, then come back
     x1, x2 = xf.chunk(2, dim=-1)
     rot = torch.cat([-x2, x1], dim=-1)
-    return (xf * cos + rot * sin).to(x.dtype)
+    return (xf * cos.to(xf.dtype) + rot * sin.to(xf.dtype)).to(x.dtype)

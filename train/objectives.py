@@ -1,0 +1,123 @@
+"""Distillation objectives of stages 3 and 4, written against plain velocity functions.
+
+A velocity function maps (x_s (B, T, ...), s (B, T)) -> v (B, T, ...) under the flow x_s = (1 - s) x0 + s eps
+(see `worldmodel.flow`). In training these are closures over the DiT's teacher-forcing pack (fixed clean
+context and actions); in the tests they are small MLPs on a known toy distribution. Levels are per frame
+(B, T) and every frame is an independent sample, so reductions are per frame.
+
+Stage 3, consistency distillation with the consistency function f(x, s) = x - s F(x, s) (f(x, 0) = x holds
+by construction, so no boundary skip is needed):
+- `dcm_loss`, discrete time: the teacher takes one Euler step from s_k to s_{k-1} on a grid; the target is
+  the student's own (stop-gradient) f at the earlier point.
+- `scm_loss`, continuous time: the limit of the same loss. Its gradient is that of
+  ||F - sg(F + df/ds)||^2 / 2 with df/ds = dx/ds - F - s dF/ds along the teacher's ODE dx/ds = v_teacher, so
+  dF/ds is a Jacobian-vector product with tangents (v_teacher, 1) (`torch.func.jvp`, forward mode). The
+  tangent is normalised per sample, g / (||g|| + c), and its JVP term warmed up by a factor r in [0, 1].
+
+Stage 4, distribution matching (DMD): `dmd_loss` moves generated samples along (fake score - real score),
+expressed through clean predictions of the re-noised sample, normalised by the mean absolute error of the
+teacher's prediction and computed in float64; `critic_loss` trains the fake score by flow matching on the
+generator's own samples.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from worldmodel.flow import add_noise, expand, x0_from_velocity
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def frame_mean(x: torch.Tensor, frame_dims: int = 2) -> torch.Tensor:
+    """Mean over all but the first `frame_dims` dims: (B, T, ...) -> (B, T)."""
+    return x.flatten(frame_dims).mean(-1)
+
+
+def masked_mean(per_frame: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return per_frame.mean()
+    m = mask.to(per_frame.dtype)
+    return (per_frame * m).sum() / m.sum().clamp(min=1)
+
+
+def consistency_grid(points: int, shift: float = 1.0) -> torch.Tensor:
+    """Increasing levels s_0 = 0 < s_1 < ... < s_points = 1 (float64)."""
+    if points < 1:
+        raise ValueError(f"the consistency grid needs at least 1 interval, got {points}")
+    s = torch.linspace(0.0, 1.0, points + 1, dtype=torch.float64)
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def dcm_loss(student: VelocityFn, target: VelocityFn, teacher: VelocityFn, x0: torch.Tensor, eps: torch.Tensor, k: torch.Tensor, grid: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Discrete-time consistency distillation.
+
+    x0/eps (B, T, ...); k (B, T) grid indices in [1, len(grid) - 1]; `target` is the student without
+    gradient (same weights). Loss per frame: ||f(x_{s_k}, s_k) - sg(f(x_{s_{k-1}}, s_{k-1}))||^2 / (s_k - s_{k-1}),
+    where x_{s_{k-1}} is one Euler step of the teacher from x_{s_k}.
+    """
+    s = grid.to(x0.device)[k].float()
+    s_prev = grid.to(x0.device)[k - 1].float()
+    x_s = add_noise(x0, eps, s)
+    with torch.no_grad():
+        x_prev = x_s + expand(s_prev - s, x_s) * teacher(x_s, s).float()
+        f_target = x0_from_velocity(x_prev, target(x_prev, s_prev).float(), s_prev)
+    f = x0_from_velocity(x_s, student(x_s, s).float(), s)
+    per_frame = frame_mean((f - f_target) ** 2) / (s - s_prev)
+    loss = masked_mean(per_frame, mask)
+    return loss, {"loss/dcm": loss.item()}
+
+
+def scm_loss(student: VelocityFn, teacher: VelocityFn, x0: torch.Tensor, eps: torch.Tensor, s: torch.Tensor, warmup: float, mask: torch.Tensor | None = None, norm_const: float = 0.1) -> tuple[torch.Tensor, dict[str, float]]:
+    """Continuous-time consistency distillation (sCM), rectified-flow form; s (B, T) in (0, 1].
+
+    The JVP runs through `student` in forward mode without gradient (`student` must be a pure function of
+    its inputs and parameters, with an attention path that supports forward-mode AD: see
+    `worldmodel.attention.attention_backend("math")`); a second, ordinary call carries the gradient.
+    """
+    x_s = add_noise(x0, eps, s)
+    with torch.no_grad():
+        dx = teacher(x_s, s).float()  # the teacher's ODE: dx/ds
+        F_minus, dF = torch.func.jvp(student, (x_s, s), (dx.to(x_s.dtype), torch.ones_like(s)))
+        F_minus, dF = F_minus.float(), dF.float()
+        g = dx - F_minus - warmup * expand(s, dF) * dF  # df/ds, the JVP term warmed up
+        g_norm = g.flatten(2).norm(dim=-1)  # (B, T)
+        g = g / expand(g_norm + norm_const, g)
+        target = F_minus + g
+    F = student(x_s, s).float()
+    per_frame = frame_mean((F - target) ** 2)
+    loss = masked_mean(per_frame, mask)
+    return loss, {"loss/scm": loss.item(), "scm/tangent_norm": masked_mean(g_norm, mask).item()}
+
+
+def dmd_loss(x0_gen: torch.Tensor, real: VelocityFn, fake: VelocityFn, s: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Distribution-matching loss on generated clean samples x0_gen (B, T, ...) (with gradient to the generator).
+
+    The sample is re-noised at s (B, T); real and fake clean predictions give the gradient
+    (fake - real) / mean|x0_gen - real| per frame, which the float64 MSE against a stop-gradient target hands
+    to x0_gen unchanged. Frames where the gradient is not finite are zeroed (and counted).
+    """
+    with torch.no_grad():
+        x_s = add_noise(x0_gen.detach().float(), eps, s)
+        pred_real = x0_from_velocity(x_s, real(x_s, s).float(), s)
+        pred_fake = x0_from_velocity(x_s, fake(x_s, s).float(), s)
+        norm = frame_mean((x0_gen.detach().float() - pred_real).abs()).clamp(min=1e-6)  # (B, T)
+        grad = (pred_fake - pred_real) / expand(norm, pred_real)
+        finite = torch.isfinite(grad).flatten(2).all(-1)  # (B, T)
+        grad = torch.where(expand(finite, grad), grad, torch.zeros_like(grad))
+    x = x0_gen.double()
+    per_frame = 0.5 * frame_mean((x - (x - grad.double()).detach()) ** 2)
+    m = finite if mask is None else (mask & finite)
+    loss = masked_mean(per_frame, m)
+    stats = {"loss/dmd": loss.item(), "dmd/grad_norm": masked_mean(frame_mean(grad.abs()), m).item(), "dmd/nonfinite": float((~finite).sum())}
+    return loss, stats
+
+
+def critic_loss(fake: VelocityFn, x0_gen: torch.Tensor, s: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Flow matching of the fake score on the generator's samples (detached)."""
+    x0 = x0_gen.detach().float()
+    x_s = add_noise(x0, eps, s)
+    per_frame = frame_mean((fake(x_s, s).float() - (eps - x0)) ** 2)
+    loss = masked_mean(per_frame, mask)
+    return loss, {"loss/critic": loss.item()}
