@@ -169,6 +169,20 @@ def preprocess_frame(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)  # cv2 takes (W, H)
 
 
+class FrameObservation(gym.ObservationWrapper):
+    """Observations as the training data holds them: the RGB screen (`game_frame`) resized to `size` = (H, W)
+    by `preprocess_frame`, Box(0, 255, (H, W, 3), uint8). For comparing and recording the real game beside
+    a world model."""
+
+    def __init__(self, env: gym.Env, size: tuple[int, int]) -> None:
+        super().__init__(env)
+        self.size = (int(size[0]), int(size[1]))
+        self.observation_space = gym.spaces.Box(0, 255, (*self.size, 3), np.uint8)
+
+    def observation(self, observation) -> np.ndarray:
+        return preprocess_frame(game_frame(self.env, observation), self.size)
+
+
 def action_meanings(env: gym.Env) -> list[str]:
     """Names of the actions: ALE's get_action_meanings() (e.g. NOOP, FIRE, RIGHT, LEFT), else A0, A1, ..."""
     if is_ale(env):

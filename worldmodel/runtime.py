@@ -22,7 +22,7 @@ import torch
 from .checkpoint import CheckpointError, load_into, read_config, replace_dir, save_checkpoint
 from .config import DiTConfig, SamplingConfig, from_dict, to_dict
 from .dit import CausalDiT, Heads
-from .flow import sampling_levels
+from .flow import add_noise, sampling_levels
 from .sampler import denoise, recache
 from .tokenizer import FrameTokenizer
 
@@ -80,7 +80,9 @@ class WorldModel:
         self.cache = dit.new_cache(batch)
         self.device = next(dit.parameters()).device
         self.dtype = next(dit.parameters()).dtype
-        self.generator = torch.Generator(device=self.device)
+        # One noise stream per world, so a world's samples do not depend on the batch it runs in: world b of a
+        # batch seeded s equals a batch-1 runtime seeded s + b (the vector env relies on this).
+        self.generators = [torch.Generator(device=self.device) for _ in range(batch)]
         self.heads: Heads | None = None
         self._started = False
 
@@ -137,12 +139,13 @@ class WorldModel:
         return frames, self._check_actions(actions, frames.shape[:2])
 
     @torch.no_grad()
-    def reset(self, frames: np.ndarray, actions: np.ndarray | Sequence[int], seed: int | None = None) -> None:
+    def reset(self, frames: np.ndarray, actions: np.ndarray | Sequence[int], seed: int | Sequence[int] | None = None) -> None:
         """Start every world from real context: frames (B, T, H, W, 3) uint8 (or (T, H, W, 3) when batch is 1)
-        and the actions that led to them, (B, T) (or (T,)). T must be a whole number of chunks."""
+        and the actions that led to them, (B, T) (or (T,)). T must be a whole number of chunks.
+        `seed`: an int seeds world b's noise with seed + b; a sequence gives one seed per world."""
         frames, a = self._check_frames(frames, actions)  # validate before touching the cache
         if seed is not None:
-            self.generator.manual_seed(seed)
+            self._seed(range(self.batch), [seed + b for b in range(self.batch)] if isinstance(seed, (int, np.integer)) else seed)
         self.cache.reset()
         self._observe(frames, a)
         self._started = True
@@ -155,9 +158,10 @@ class WorldModel:
         self._observe(*self._check_frames(frames, actions))
 
     @torch.no_grad()
-    def reset_worlds(self, worlds: Sequence[int] | np.ndarray, frames: np.ndarray, actions: np.ndarray) -> None:
-        """Restart only the given worlds from real context (frames (k, T, H, W, 3) uint8, actions (k, T));
-        the other worlds keep their context. Used by the vector env's autoreset."""
+    def reset_worlds(self, worlds: Sequence[int] | np.ndarray, frames: np.ndarray, actions: np.ndarray, seeds: Sequence[int] | None = None) -> None:
+        """Restart only the given worlds from real context (frames (k, T, H, W, 3) uint8, actions (k, T)), and
+        reseed their noise with `seeds` (k,) if given; the other worlds keep their context and noise streams.
+        Used by the vector env's autoreset."""
         if not self._started:
             raise RuntimeError("call reset(context frames, actions) before reset_worlds()")
         idx = np.asarray(worlds, dtype=np.int64).reshape(-1)
@@ -173,6 +177,8 @@ class WorldModel:
         if T < self.frames_per_chunk or T % self.frames_per_chunk:
             raise ValueError(f"context of {T} frames is not a whole number (>= 1) of {self.frames_per_chunk}-frame chunks")
         a = self._check_actions(actions, frames.shape[:2])
+        if seeds is not None:
+            self._seed(idx.tolist(), seeds)
         full = np.zeros((self.batch, *frames.shape[1:]), dtype=np.uint8)  # rows of the other worlds are run but not committed
         full[idx] = frames
         full_a = torch.zeros(self.batch, T, dtype=torch.long, device=self.device)
@@ -185,6 +191,17 @@ class WorldModel:
         if old is not None:  # keep the other worlds' heads of their last step
             m = mask[:, None]
             self.heads = Heads(*(torch.where(m, new, prev) for new, prev in ((self.heads.reward_logit, old.reward_logit), (self.heads.reward_value, old.reward_value), (self.heads.end_logit, old.end_logit))))
+
+    def _seed(self, worlds: Sequence[int], seeds: Sequence[int]) -> None:
+        seeds = [int(s) for s in seeds]
+        if len(seeds) != len(worlds):
+            raise ValueError(f"need one seed per world ({len(worlds)}), got {len(seeds)}")
+        for b, s in zip(worlds, seeds):
+            self.generators[b].manual_seed(s)
+
+    def _randn(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Standard normal noise (B, *shape), world b's drawn from its own generator."""
+        return torch.stack([torch.randn(shape, generator=g, device=self.device, dtype=dtype) for g in self.generators])
 
     def _observe(self, frames: np.ndarray, a: torch.Tensor, worlds: torch.Tensor | None = None) -> None:
         B, T, H, W, _ = frames.shape
@@ -200,8 +217,18 @@ class WorldModel:
         Fc = self.frames_per_chunk
         a = self._check_actions(actions, (self.batch,))[:, None].expand(self.batch, Fc)  # the action holds for the whole chunk
         cfg = self.dit.cfg
-        noise = torch.randn(self.batch, Fc, cfg.in_channels, *cfg.latent_size, generator=self.generator, device=self.device, dtype=self.dtype)
-        return denoise(self.dit, self.cache, a, noise, self.levels, self.guidance, self.sampling.solver, self.generator), a
+        x = self._randn((Fc, cfg.in_channels, *cfg.latent_size), self.dtype)  # (B, F, C, h, w)
+        if self.sampling.solver != "consistency":
+            return denoise(self.dit, self.cache, a, x, self.levels, self.guidance, self.sampling.solver), a
+        # The consistency rule re-noises with fresh noise at every level; drawn here, per world, rather than
+        # from the sampler's single generator. Each pair of levels: predict x0 (a one-step denoise to 0), then
+        # re-noise it to the next level, in float32 as the sampler does.
+        for s, s_next in zip(self.levels[:-1], self.levels[1:]):
+            x = denoise(self.dit, self.cache, a, x, [s, 0.0], self.guidance, "consistency")  # x0
+            if s_next > 0:
+                eps = self._randn(tuple(x.shape[1:]), torch.float32)
+                x = add_noise(x.float(), eps, torch.full(x.shape[:2], s_next, device=self.device)).to(self.dtype)
+        return x, a
 
     def _decode(self, x0: torch.Tensor) -> np.ndarray:
         frames = self.tokenizer.decode(x0.flatten(0, 1).float())  # (B*F, H, W, 3) uint8
@@ -231,6 +258,11 @@ class WorldModel:
     def reward(self) -> np.ndarray:
         """Predicted reward of the last step, summed over the chunk's frames, (B,)."""
         return self._heads().reward.sum(1).cpu().numpy()
+
+    @property
+    def reward_prob(self) -> np.ndarray:
+        """Predicted probability that the last step paid a nonzero reward (in any frame of the chunk), (B,)."""
+        return torch.sigmoid(self._heads().reward_logit).max(1).values.cpu().numpy()
 
     @property
     def end_prob(self) -> np.ndarray:
