@@ -138,9 +138,8 @@ class WorldModelEnv(gym.Env):
         if self._stack is None:
             raise RuntimeError("WorldModelEnv: call reset() before step()")
         if not self.action_space.contains(action):
-            raise ValueError(f"action {action!r} ({type(action).__name__}{', shape ' + str(np.shape(action)) if np.ndim(action) else ''}) "
-                             f"is not in the action space {self.action_space}: want one integer in [0, {self.action_space.n - 1}], "
-                             f"one of {dict(enumerate(self.get_action_meanings()))}")
+            raise ValueError(f"action {action!r} ({type(action).__name__}, shape {np.shape(action)}) is not in the action space "
+                             f"{self.action_space}: want one integer in [0, {self.action_space.n - 1}], {dict(enumerate(self.get_action_meanings()))}")
         chunk = self.wm.step(int(action))  # (F, H, W, 3) uint8
         self._stack = push_frames(self._stack, chunk)
         info = self._info(chunk)
