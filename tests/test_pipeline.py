@@ -92,24 +92,11 @@ def test_commands_reject_bad_input(data, tmp_path):
     assert p.returncode != 0 and "--steps must be positive" in p.stderr
 
 
-def test_play_headless(teacher, tmp_path):
-    video = tmp_path / "play.mp4"
-    p = run("play.py", "--model", str(teacher / "model"), "--headless", "6", "--video", str(video))
-    assert "steps/s" in p.stdout and video.stat().st_size > 0
-    p = run("play.py", "--model", str(tmp_path / "missing"), "--headless", "2", ok=False)
-    assert p.returncode != 0 and "does not exist" in p.stderr and "Traceback" not in p.stderr
-
-
 def test_teacher_refuses_a_broken_checkpoint(data, tokenizer, tmp_path):
     run("-m", "train.teacher", "--data", str(data), "--tokenizer", str(tokenizer), "--out", str(tmp_path), "--steps", "2", *TEACHER)
     (tmp_path / "checkpoint" / "state.json").unlink()
     p = run("-m", "train.teacher", "--data", str(data), "--tokenizer", str(tokenizer), "--out", str(tmp_path), "--steps", "4", *TEACHER, ok=False)
     assert p.returncode == 2 and "cannot resume" in p.stderr and "Traceback" not in p.stderr
-
-
-def test_play_rejects_bad_flags(teacher):
-    p = run("play.py", "--model", str(teacher / "model"), "--headless", "2", "--steps", "0", ok=False)
-    assert p.returncode != 0 and "--steps >= 1" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_model_folder_without_sampling_settings(teacher, tmp_path):
