@@ -61,13 +61,6 @@ def test_step_before_reset(teacher):
         wm.step(0)
 
 
-def test_evaluate_command(teacher, data, tmp_path):
-    run("-m", "train.evaluate", "--model", str(teacher / "model"), "--data", str(data), "--out", str(tmp_path), "--episodes", "2", "--context", "2", "--horizon", "8", "--videos", "1")
-    m = json.loads((tmp_path / "metrics.json").read_text())
-    assert m["episodes"] == 2 and np.isfinite(m["one_step_psnr"]) and "1" in {str(k) for k in m["rollout_psnr_at"]}
-    assert (tmp_path / "rollout_00.mp4").stat().st_size > 0 and (tmp_path / "report.md").is_file()
-
-
 def test_missing_and_corrupt_checkpoints(teacher, tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         WorldModel.load(tmp_path / "nowhere")

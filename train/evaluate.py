@@ -1,195 +1,387 @@
-"""Hold a world model against the real game on held-out episodes.
+"""Hold world models against the real game, all on the same real clips, step by step out to a horizon.
 
-    python -m train.evaluate --model RUN/model --data DATA --out EVAL_DIR [--episodes 8] [--horizon 64]
+    python -m train.evaluate --model teacher=assets/breakout@8 --model student=~/runs/student/model@1 \\
+        --data DATA --out EVAL_DIR [--episodes 8] [--context 4] [--horizon 128]
+    python -m train.evaluate --model assets/breakout --record-seeds 0 1 2 3 --out EVAL_DIR
 
-For each held-out episode: start from `--context` real frames, then
-- teacher-forced one-step prediction: at every step the model sees the real past and predicts the next
-  frame (PSNR against the real frame; baseline: copy the last real frame);
-- autoregressive rollout: the model feeds on its own frames for `--horizon` steps under the real actions
-  (PSNR at each horizon; baseline: hold the last context frame).
-Also measures the tokenizer's own reconstruction PSNR (the ceiling) and the sampler's speed on this machine.
-Writes metrics.json, report.md and side-by-side videos (real | generated | difference) to EVAL_DIR.
+Models: `--model SPEC`, repeatable; SPEC is PATH, PATH@STEPS or NAME=PATH@STEPS (STEPS overrides the model's
+denoising steps; NAME labels it in the tables, default the SPEC's PATH@STEPS). Clips: `--episodes` held-out
+episodes of a dataset (`--data`; a random window of each), or episodes recorded now from the real emulator
+(`--record-seeds`, game from the models or `--game`): the behaviour policy of train.collect with seed s plays
+from `env.reset(seed=s)`, frames preprocessed as in the dataset, and the clip starts after a warm-up of
+0-100 steps drawn from s. Each clip is `--context` real frames, then `--horizon` steps under its real actions.
+
+Every model starts from the same contexts with the same noise seed (world b of the batch: seed + b), so what
+differs between models, and between a model's rollouts under two action sequences, comes from the model
+and the actions. Per model:
+- one-step, teacher-forced: the model sees the real past and predicts the next frame; PSNR and SSIM
+  against the real frame (baseline: copy the last real frame);
+- rollout: the model feeds on its own frames under the real actions. PSNR (of the MSE pooled over
+  episodes, 0-255) and SSIM (luma 0-255, 11x11 gaussian window sigma 1.5, valid positions; see
+  train.eval_metrics.ssim) at each step; baseline: hold the last context frame;
+- state probe (envs.probe, for games that have one): read paddle, ball, bricks and score from the real and
+  the generated frame at each step; errors pooled over the steps of each horizon bucket (1, 2-8, 9-16, ...):
+  paddle |dx| (64-px columns, where both show a paddle), ball agreement (both or neither show a ball) and
+  distance (where both do), |bricks left| difference, |score| difference (where both are readable);
+- reward and episode end from the model's heads: after each generated step `wm.reward` (nonzero = a reward
+  event) and `wm.end_prob` (> 0.5 = an episode end) against the real rewards / terminations of that step:
+  precision, recall, accuracy (ends are rare: read recall and the counts). Also after each teacher-forced
+  step (the heads then see the real frame);
+- controllability: from the same context and noise, roll out under the real actions and under uniform
+  random actions (the same random sequence for every model). (a) Divergence: mean |pixel difference|
+  (0-255) between the two generated rollouts, next to the same between the real frames and the real
+  emulator replayed from the same seed under the random actions (recorded clips only; null for a dataset).
+  (b) Paddle response: on steps whose action moves left or right (by `action_meanings`), the fraction
+  after which the probe sees the paddle move (> 0.25 px) that way; the same on the real frames gives the
+  reference (the Breakout paddle has momentum and stops at the walls, so the real game is not at 100%);
+- cost: network evaluations per step (steps x (2 with guidance, else 1) + 1 re-cache) and single-world
+  steps/s (median step after 8 warm-up steps, decoder included); the tokenizer's reconstruction PSNR is
+  the ceiling of any model on it.
+
+Writes to EVAL_DIR: metrics.json (everything; null = undefined), report.md (a comparison table and per-model
+tables), psnr.png, ssim.png, probe.png, control.png (against horizon, one line per model plus hold-last /
+the real game), {model}_rollout_{k}.mp4 and {model}_teacher_forced_{k}.mp4 (real | generated | difference),
+rollouts.npz. Models with more than one frame per chunk are not supported here.
+
+The pieces are importable: `evaluate_models(specs, clips, actions, rewards, terminated, context=...)` (and per
+model `evaluate_model`), the clips in train.eval_clips (`heldout_clips`, `record_clips`, `replay_emulator`), the
+measures in train.eval_metrics (`psnr_of`, `mse`, `ssim`, ...), `report` and the plots in train.eval_report.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
-import cv2
 import numpy as np
 import torch
 
-from envs.dataset import episodes, list_shards, load_shard, read_meta
-from worldmodel.checkpoint import CheckpointError
+from envs.dataset import read_meta
+from envs.games import resolve_env_id
+from envs.probe import probe_for
+from train.common import write_json
+from train.eval_clips import heldout_clips, random_actions, record_clips, replay_emulator
+from train.eval_metrics import (action_directions, mean_abs_diff, mse, paddle_response, pooled, probe_errors, psnr_of,
+                                reward_scores, ssim, termination_scores)
+from train.eval_report import plot_curves, report, side_by_side_video, slug
+from worldmodel.checkpoint import CheckpointError, read_config
 from worldmodel.runtime import WorldModel
 
+__all__ = ["HORIZONS", "ModelSpec", "parse_spec", "heldout_clips", "record_clips", "replay_emulator", "random_actions", "Reference",
+           "reference", "evaluate_model", "evaluate_models", "report", "mse", "psnr_of", "ssim", "side_by_side_video", "main"]
+
 HORIZONS = (1, 8, 16, 32, 64, 128, 256)
+SPEED_STEPS, SPEED_WARMUP = 48, 8
 
 
-def mse(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-frame mean squared error over (..., H, W, 3) uint8 frames."""
-    return ((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean(axis=(-3, -2, -1))
+# ----- models -----
+@dataclass(frozen=True)
+class ModelSpec:
+    """One --model: a world-model folder, its denoising steps (None: the model's own) and a label."""
+
+    name: str
+    path: Path
+    steps: int | None = None
 
 
-def psnr_of(mse_value: float | np.ndarray) -> float:
-    """PSNR (dB) of the mean of the given squared errors (0-255 scale): the PSNR of the pooled MSE, not the
-    mean of per-frame PSNRs, so frames that happen to match exactly do not dominate. Floored at 100 dB."""
-    return float(10 * np.log10(255.0**2 / np.maximum(np.mean(mse_value), 255.0**2 * 1e-10)))
+def parse_spec(text: str) -> ModelSpec:
+    """'PATH', 'PATH@STEPS' or 'NAME=PATH@STEPS' -> ModelSpec (PATH may start with ~)."""
+    name, sep, rest = text.partition("=")
+    if not sep:
+        name, rest = "", text
+    path, at, steps = rest.rpartition("@") if "@" in rest else (rest, "", "")
+    if sep and not name.strip():
+        raise ValueError(f"bad --model {text!r}: empty NAME before '='")
+    if not path.strip():
+        raise ValueError(f"bad --model {text!r}: no PATH (use PATH, PATH@STEPS or NAME=PATH@STEPS)")
+    if at and not (steps.isdigit() and int(steps) >= 1):
+        raise ValueError(f"bad --model {text!r}: STEPS after '@' must be an integer >= 1, got {steps!r}")
+    return ModelSpec(name=name.strip() or rest, path=Path(path).expanduser(), steps=int(steps) if at else None)
 
 
-def heldout_clips(data: Path, n: int, length: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """n clips of `length` consecutive steps, each from a different held-out episode, start chosen by seed."""
-    rng = np.random.default_rng(seed)
-    frames, actions = [], []
-    for shard in list_shards(data, "heldout"):
-        arr = load_shard(shard)
-        for s, e in episodes(arr):
-            if e - s < length:
-                continue
-            o = s + int(rng.integers(0, e - s - length + 1))
-            frames.append(arr["frames"][o:o + length])
-            actions.append(arr["actions"][o:o + length])
-            if len(frames) == n:
-                return np.stack(frames), np.stack(actions).astype(np.int64)
-    if not frames:
-        raise ValueError(f"no held-out episode in {data} is {length} steps long; lower --horizon or record longer episodes")
-    return np.stack(frames), np.stack(actions).astype(np.int64)
+def check_specs(specs: Sequence[ModelSpec]) -> dict:
+    """Every spec names an existing world-model folder, the names are distinct and the models agree on game,
+    frame size and actions. Returns the first model's config.json."""
+    names = [s.name for s in specs]
+    if not specs or len(set(names)) != len(names):
+        raise ValueError(f"need at least one --model, with distinct names (label them NAME=PATH), got {names}")
+    infos = []
+    for s in specs:
+        if not (s.path / "config.json").is_file():
+            parent = next((p for p in [s.path, *s.path.parents] if p.is_dir()), None)
+            held = sorted(p.name + ("/" if p.is_dir() else "") for p in parent.iterdir())[:20] if parent else []
+            raise FileNotFoundError(f"no world-model folder at {s.path} (no config.json); {parent} holds: {', '.join(held) or 'nothing'}")
+        infos.append(read_config(s.path))
+    for s, info in zip(specs[1:], infos[1:]):
+        for key in ("game", "frame_size", "action_meanings"):
+            if info.get(key) != infos[0].get(key):
+                raise ValueError(f"models disagree on {key}: {specs[0].name} has {infos[0].get(key)!r}, {s.name} {info.get(key)!r}")
+    return infos[0]
 
 
-def side_by_side_video(path: Path, real: np.ndarray, gen: np.ndarray, fps: int = 15, scale: int = 4) -> None:
-    """mp4 of (real | generated | |difference|), each frame (H, W, 3) uint8, scaled up nearest-neighbour."""
-    T, H, W, _ = real.shape
-    diff = np.abs(real.astype(np.int16) - gen.astype(np.int16)).astype(np.uint8)
-    size = (3 * W * scale, H * scale)
-    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
-    if not vw.isOpened():
-        raise RuntimeError(f"OpenCV could not open a video writer for {path}")
-    for t in range(T):
-        row = np.concatenate([real[t], gen[t], diff[t]], axis=1)
-        row = cv2.resize(row, size, interpolation=cv2.INTER_NEAREST)
-        vw.write(cv2.cvtColor(row, cv2.COLOR_RGB2BGR))
-    vw.release()
+def load_model(spec: ModelSpec, batch: int) -> WorldModel:
+    """The spec's world model for `batch` worlds, at its denoising steps; one frame per chunk only."""
+    wm = WorldModel.load(spec.path, steps=spec.steps, batch=batch)
+    if wm.frames_per_chunk != 1:
+        raise ValueError(f"{spec.name}: evaluate drives one action per step and supports models with one frame per chunk; this one has {wm.frames_per_chunk}")
+    return wm
 
 
-def evaluate(wm_path: Path, data: Path, out: Path, episodes: int, context: int, horizon: int, steps: int | None, seed: int, videos: int) -> dict:
-    clips, actions = heldout_clips(data, episodes, context + horizon, seed)
-    E = len(clips)
-    wm = WorldModel.load(wm_path, steps=steps, batch=E)
-    Fc = wm.frames_per_chunk
-    if Fc != 1:
-        raise ValueError(f"evaluate drives one action per step and supports models with one frame per chunk; this one has {Fc}")
-    ctx_f, ctx_a = clips[:, :context], actions[:, :context]
-    real = clips[:, context:]  # (E, horizon, H, W, 3)
-    fut_a = actions[:, context:]
-
-    # tokenizer ceiling
-    with torch.inference_mode():
-        flat = torch.from_numpy(real.reshape(-1, *real.shape[2:]))
-        recon = torch.cat([wm.tokenizer.decode(wm.tokenizer.encode(flat[i:i + 256])) for i in range(0, len(flat), 256)]).numpy()
-    tok_mse = mse(recon, real.reshape(-1, *real.shape[2:]))
-
-    # teacher-forced one step
+# ----- running a model -----
+def rollout(wm: WorldModel, ctx_f: np.ndarray, ctx_a: np.ndarray, actions: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """The model on its own frames under actions (E, H): frames (E, H, ...), reward and end_prob (E, H), seconds."""
+    E, H = actions.shape
     wm.reset(ctx_f, ctx_a, seed=seed)
-    tf_gen = np.zeros_like(real)
-    for i in range(0, horizon, Fc):
-        tf_gen[:, i:i + Fc] = wm.predict_batch(fut_a[:, i])
-        wm.observe(real[:, i:i + Fc], fut_a[:, i:i + Fc])
-    tf_mse = mse(tf_gen, real)  # (E, horizon)
-    prev = np.concatenate([ctx_f[:, -1:], real[:, :-1]], axis=1)
-    copy_mse = mse(prev, real)
-
-    # autoregressive rollout under the real actions
-    wm.reset(ctx_f, ctx_a, seed=seed)
-    ar_gen = np.zeros_like(real)
+    frames = np.zeros((E, H, *ctx_f.shape[2:]), dtype=np.uint8)
+    reward, end = np.zeros((E, H)), np.zeros((E, H))
     t0 = time.perf_counter()
-    for i in range(0, horizon, Fc):
-        ar_gen[:, i:i + Fc] = wm.step_batch(fut_a[:, i])
-    ar_time = time.perf_counter() - t0
-    ar_mse = mse(ar_gen, real)
-    hold_mse = mse(np.repeat(ctx_f[:, -1:], horizon, axis=1), real)
+    for i in range(H):
+        frames[:, i] = wm.step_batch(actions[:, i])[:, 0]
+        reward[:, i], end[:, i] = wm.reward, wm.end_prob
+    return frames, reward, end, time.perf_counter() - t0
 
-    # single-world sampler speed (batch 1, decoder included), median over steps after warm-up
-    one = WorldModel.load(wm_path, steps=steps, batch=1)
-    one.reset(ctx_f[0], ctx_a[0], seed=seed)
+
+def teacher_forced(wm: WorldModel, ctx_f: np.ndarray, ctx_a: np.ndarray, real: np.ndarray, actions: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """At every step the model sees the real past: predicted frames (E, H, ...); reward and end_prob (E, H) of
+    the heads after observing the real frame of that step."""
+    E, H = actions.shape
+    wm.reset(ctx_f, ctx_a, seed=seed)
+    frames = np.zeros_like(real)
+    reward, end = np.zeros((E, H)), np.zeros((E, H))
+    for i in range(H):
+        frames[:, i] = wm.predict_batch(actions[:, i])[:, 0]
+        wm.observe(real[:, i:i + 1], actions[:, i:i + 1])
+        reward[:, i], end[:, i] = wm.reward, wm.end_prob
+    return frames, reward, end
+
+
+def single_world_speed(spec: ModelSpec, ctx_f: np.ndarray, ctx_a: np.ndarray, actions: np.ndarray, seed: int) -> float:
+    """Median ms per step of one world (decoder included), after warm-up steps."""
+    one = load_model(spec, batch=1)
+    one.reset(ctx_f, ctx_a, seed=seed)
     lat = []
-    for i in range(min(horizon, 48)):
-        t1 = time.perf_counter()
-        one.step(int(fut_a[0, i]))
-        lat.append(time.perf_counter() - t1)
-    lat_ms = np.array(lat[8:] if len(lat) > 16 else lat) * 1000
+    for i in range(min(len(actions), SPEED_STEPS)):
+        t0 = time.perf_counter()
+        one.step(int(actions[i]))
+        lat.append(time.perf_counter() - t0)
+    one.close()
+    return float(np.median(lat[SPEED_WARMUP:] if len(lat) > 2 * SPEED_WARMUP else lat) * 1000)
 
-    out.mkdir(parents=True, exist_ok=True)
-    for k in range(min(videos, E)):
-        side_by_side_video(out / f"rollout_{k:02d}.mp4", real[k], ar_gen[k])
-        side_by_side_video(out / f"teacher_forced_{k:02d}.mp4", real[k], tf_gen[k])
-    np.savez_compressed(out / "rollouts.npz", real=real, rollout=ar_gen, teacher_forced=tf_gen, actions=fut_a)
 
-    per_h = {h: {"rollout_psnr": psnr_of(ar_mse[:, h - 1]), "hold_last_psnr": psnr_of(hold_mse[:, h - 1])} for h in HORIZONS if h <= horizon}
-    metrics = {
-        "model": str(wm_path),
-        "episodes": E,
-        "context_frames": context,
-        "horizon": horizon,
-        "denoising_steps": wm.steps,
-        "tokenizer_recon_psnr": psnr_of(tok_mse),
-        "one_step_psnr": psnr_of(tf_mse),
-        "one_step_copy_last_psnr": psnr_of(copy_mse),
-        "rollout_psnr_mean": psnr_of(ar_mse),
-        "rollout_psnr_at": per_h,
-        "batched_steps_per_s": E * horizon / Fc / ar_time,
-        "single_world_step_ms_median": float(np.median(lat_ms)),
-        "single_world_steps_per_s": float(1000 / np.median(lat_ms)),
-        "device": str(wm.device),
-        "threads": torch.get_num_threads(),
+def per_horizon(values: np.ndarray, horizons: Sequence[int]) -> dict[int, float]:
+    """The mean over episodes of values (E, H) at each horizon h: the measure of step h."""
+    return {h: float(values[:, h - 1].mean()) for h in horizons}
+
+
+# ----- the evaluation -----
+@dataclass
+class Reference:
+    """The real side of the clips, which every model is held against (built once by `reference`)."""
+
+    ctx_frames: np.ndarray  # (E, context, H, W, 3) uint8
+    ctx_actions: np.ndarray  # (E, context)
+    real: np.ndarray  # (E, horizon, H, W, 3) uint8: what followed the context
+    actions: np.ndarray  # (E, horizon): the actions that produced `real`
+    rewards: np.ndarray  # (E, horizon)
+    terminated: np.ndarray  # (E, horizon)
+    rand_actions: np.ndarray  # (E, horizon): the controllability sequence
+    horizons: list[int]
+    hold_mse: np.ndarray  # (E, horizon): holding the last context frame
+    directions: np.ndarray  # (num_actions,): +1 right, -1 left, 0 neither
+    probe: Callable[[np.ndarray], dict[str, np.ndarray]] | None
+    real_probe: dict[str, np.ndarray] | None  # the probe on `real`, {key: (E, horizon)}
+    start_paddle: np.ndarray | None  # (E,): the probe's paddle on the last context frame
+
+
+def reference(info: dict, clips: np.ndarray, actions: np.ndarray, rewards: np.ndarray, terminated: np.ndarray, context: int,
+              rand_actions: np.ndarray, real_random: np.ndarray | None) -> tuple[Reference, dict]:
+    """The Reference, and the metrics that need no model: baselines (copy / hold the last frame) and the real
+    game's own paddle response and divergence under the random actions."""
+    E, T = actions.shape
+    horizon = T - context
+    ctx_f, real, fut_a = clips[:, :context], clips[:, context:], actions[:, context:]
+    horizons = [h for h in HORIZONS if h <= horizon] + ([horizon] if horizon not in HORIZONS else [])
+    probe = probe_for(info["game"])
+    real_probe = probe(real) if probe else None
+    start = probe(ctx_f[:, -1])["paddle_x"] if probe else None
+    ref = Reference(ctx_f, actions[:, :context], real, fut_a, rewards[:, context:], terminated[:, context:], rand_actions, horizons,
+                    mse(np.repeat(ctx_f[:, -1:], horizon, axis=1), real), action_directions(info["action_meanings"]), probe, real_probe, start)
+
+    hold = np.repeat(ctx_f[:, -1:], horizon, axis=1)
+    hold_ssim = ssim(hold, real)
+    prev = np.concatenate([ctx_f[:, -1:], real[:, :-1]], axis=1)
+    real_divergence = mean_abs_diff(real_random, real) if real_random is not None else np.full((E, horizon), np.nan)
+    base = {
+        "one_step_copy_last_psnr": psnr_of(mse(prev, real)), "one_step_copy_last_ssim": float(ssim(prev, real).mean()),
+        "hold_last": {
+            "at": {h: {"psnr": psnr_of(ref.hold_mse[:, h - 1]), "ssim": float(hold_ssim[:, h - 1].mean())} for h in horizons},
+            "psnr_per_step": [psnr_of(ref.hold_mse[:, i]) for i in range(horizon)], "ssim_per_step": hold_ssim.mean(0).tolist(),
+            "probe_at": pooled(probe_errors(real_probe, probe(hold)), horizons) if probe else None,
+        },
+        "real": {
+            "paddle_response_real_actions": paddle_response(real_probe["paddle_x"], start, fut_a, ref.directions) if probe else math.nan,
+            "paddle_response_random_actions": paddle_response(probe(real_random)["paddle_x"], start, rand_actions, ref.directions)
+            if probe and real_random is not None else math.nan,
+            "divergence_random_actions_mean": float(real_divergence.mean()), "divergence_per_step": real_divergence.mean(0).tolist(),
+            "divergence_at": per_horizon(real_divergence, horizons),
+        },
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (out / "report.md").write_text(report(metrics))
+    return ref, base
+
+
+def evaluate_model(spec: ModelSpec, ref: Reference, real_game: dict, seed: int) -> tuple[dict, dict[str, np.ndarray]]:
+    """One model's metrics (see the module docstring) and its generated frames (E, horizon, H, W, 3):
+    {'rollout', 'teacher_forced', 'rollout_random'}. `real_game`: the real game's side (the 'real' metrics)."""
+    E, horizon = ref.actions.shape
+    hs = ref.horizons
+    wm = load_model(spec, batch=E)
+    with torch.inference_mode():  # the tokenizer's own round trip: the ceiling of any model on it
+        flat = torch.from_numpy(ref.real.reshape(-1, *ref.real.shape[2:]))  # (E*horizon, H, W, 3)
+        recon = torch.cat([wm.tokenizer.decode(wm.tokenizer.encode(flat[i:i + 256])) for i in range(0, len(flat), 256)]).numpy()
+    tf_gen, tf_r, tf_e = teacher_forced(wm, ref.ctx_frames, ref.ctx_actions, ref.real, ref.actions, seed)
+    gen, gen_r, gen_e, seconds = rollout(wm, ref.ctx_frames, ref.ctx_actions, ref.actions, seed)
+    rand_gen, _, _, _ = rollout(wm, ref.ctx_frames, ref.ctx_actions, ref.rand_actions, seed)  # same noise, other actions
+    ms = single_world_speed(spec, ref.ctx_frames[0], ref.ctx_actions[0], ref.actions[0], seed)
+    gen_mse, gen_ssim, divergence = mse(gen, ref.real), ssim(gen, ref.real), mean_abs_diff(rand_gen, gen)
+    response = {"paddle_response_real_actions": math.nan, "paddle_response_random_actions": math.nan}
+    probe_at = None
+    if ref.probe:
+        gen_probe = ref.probe(gen)
+        probe_at = pooled(probe_errors(ref.real_probe, gen_probe), hs)
+        response = {"paddle_response_real_actions": paddle_response(gen_probe["paddle_x"], ref.start_paddle, ref.actions, ref.directions),
+                    "paddle_response_random_actions": paddle_response(ref.probe(rand_gen)["paddle_x"], ref.start_paddle, ref.rand_actions, ref.directions)}
+    m = {
+        "path": str(spec.path), "denoising_steps": wm.steps, "guidance": wm.guidance, "solver": wm.sampling.solver,
+        "nfe_per_step": wm.steps * (2 if wm.guidance != 1 else 1) + 1,
+        "tokenizer_recon_psnr": psnr_of(mse(recon, flat.numpy())),
+        "one_step_psnr": psnr_of(mse(tf_gen, ref.real)), "one_step_ssim": float(ssim(tf_gen, ref.real).mean()),
+        "rollout_psnr_mean": psnr_of(gen_mse), "rollout_ssim_mean": float(gen_ssim.mean()),
+        "rollout_psnr_at": {h: {"rollout_psnr": psnr_of(gen_mse[:, h - 1]), "hold_last_psnr": psnr_of(ref.hold_mse[:, h - 1])} for h in hs},
+        "rollout_ssim_at": per_horizon(gen_ssim, hs),
+        "psnr_per_step": [psnr_of(gen_mse[:, i]) for i in range(horizon)], "ssim_per_step": gen_ssim.mean(0).tolist(),
+        "probe_at": probe_at,
+        "reward_rollout": reward_scores(gen_r, ref.rewards), "reward_teacher_forced": reward_scores(tf_r, ref.rewards),
+        "termination_rollout": termination_scores(gen_e, ref.terminated), "termination_teacher_forced": termination_scores(tf_e, ref.terminated),
+        "controllability": {
+            "divergence_mean": float(divergence.mean()), "divergence_per_step": divergence.mean(0).tolist(), "divergence_at": per_horizon(divergence, hs),
+            "real_divergence_mean": real_game["divergence_random_actions_mean"], **response,
+            "real_paddle_response_real_actions": real_game["paddle_response_real_actions"],
+            "real_paddle_response_random_actions": real_game["paddle_response_random_actions"],
+        },
+        "batched_steps_per_s": E * horizon / seconds, "single_world_step_ms_median": ms, "single_world_steps_per_s": 1000 / ms,
+        "device": str(wm.device),
+    }
+    wm.close()
+    return m, {"rollout": gen, "teacher_forced": tf_gen, "rollout_random": rand_gen}
+
+
+def evaluate_models(specs: Sequence[ModelSpec | str], clips: np.ndarray, actions: np.ndarray, rewards: np.ndarray, terminated: np.ndarray, *,
+                    context: int, seed: int = 0, rand_actions: np.ndarray | None = None, real_random: np.ndarray | None = None,
+                    source: dict | None = None, out: Path | None = None, videos: int = 0) -> dict:
+    """Evaluate every model on the same clips (E, context + horizon, H, W, 3) with their actions, rewards and
+    terminations (E, context + horizon); see the module docstring for the measures. `rand_actions` (E, horizon):
+    the controllability sequence (default: uniform, from seed); `real_random` (E, horizon, H, W, 3): the real
+    frames under it, if an emulator gave them. Writes everything to `out` when given. Returns the metrics."""
+    specs = [parse_spec(s) if isinstance(s, str) else s for s in specs]
+    info = check_specs(specs)
+    E, T = actions.shape
+    horizon = T - context
+    if clips.shape[:2] != (E, T) or rewards.shape != (E, T) or terminated.shape != (E, T):
+        raise ValueError(f"clips {clips.shape[:2]}, actions {actions.shape}, rewards {rewards.shape} and terminated {terminated.shape} must all be (episodes, steps)")
+    if not 1 <= context < T:
+        raise ValueError(f"context ({context}) must leave at least one step of the {T}-step clips")
+    if list(clips.shape[2:4]) != list(info["frame_size"]):
+        raise ValueError(f"the clips' frames are {clips.shape[2]}x{clips.shape[3]}, the models' {info['frame_size']}")
+    if rand_actions is None:
+        rand_actions = random_actions(E, horizon, len(info["action_meanings"]), seed)
+    if rand_actions.shape != (E, horizon) or (real_random is not None and real_random.shape != (E, horizon, *clips.shape[2:])):
+        raise ValueError(f"random actions {rand_actions.shape} (and their real frames) must cover the {E} x {horizon} steps after the context")
+    ref, base = reference(info, clips, actions, rewards, terminated, context, rand_actions, real_random)
+    metrics: dict = {"source": source or {"kind": "arrays"}, "episodes": E, "context_frames": context, "horizon": horizon,
+                     "horizons": ref.horizons, "seed": seed, "probe": info["game"] if ref.probe else None, **base, "models": {}}
+    arrays = {"real": ref.real, "actions": ref.actions, "random_actions": rand_actions, "model_names": np.array([s.name for s in specs])}
+    if real_random is not None:
+        arrays["real_random"] = real_random
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    for k, spec in enumerate(specs):
+        m, frames = evaluate_model(spec, ref, base["real"], seed)
+        metrics["models"][spec.name] = m
+        arrays.update({f"{key}_{k}": v for key, v in frames.items()})
+        for e in range(min(videos, E) if out is not None else 0):
+            side_by_side_video(out / f"{slug(spec.name)}_rollout_{e:02d}.mp4", ref.real[e], frames["rollout"][e])
+            side_by_side_video(out / f"{slug(spec.name)}_teacher_forced_{e:02d}.mp4", ref.real[e], frames["teacher_forced"][e])
+    metrics.update(device=metrics["models"][specs[-1].name]["device"], threads=torch.get_num_threads())
+    if out is not None:
+        np.savez_compressed(out / "rollouts.npz", **arrays)
+        write_json(out / "metrics.json", jsonable(metrics))
+        (out / "report.md").write_text(report(metrics))
+        plot_curves(metrics, out)
     return metrics
 
 
-def report(m: dict) -> str:
-    lines = [
-        f"# Evaluation of `{m['model']}`",
-        "",
-        f"{m['episodes']} held-out episodes, {m['context_frames']} real context frames, {m['horizon']} steps, {m['denoising_steps']} denoising steps.",
-        "",
-        "PSNR is that of the mean squared error pooled over frames and episodes (0-255 scale).",
-        "",
-        "| measure | PSNR (dB) |",
-        "|---|---|",
-        f"| tokenizer reconstruction (ceiling) | {m['tokenizer_recon_psnr']:.2f} |",
-        f"| one-step, teacher-forced | {m['one_step_psnr']:.2f} |",
-        f"| one-step baseline: copy last frame | {m['one_step_copy_last_psnr']:.2f} |",
-        f"| rollout, mean over {m['horizon']} steps | {m['rollout_psnr_mean']:.2f} |",
-        "",
-        "| horizon | rollout PSNR | hold-last-frame PSNR |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {h} | {v['rollout_psnr']:.2f} | {v['hold_last_psnr']:.2f} |" for h, v in m["rollout_psnr_at"].items()]
-    lines += ["", f"Speed on {m['device']} ({m['threads']} threads): single world {m['single_world_steps_per_s']:.1f} steps/s (median {m['single_world_step_ms_median']:.1f} ms/step, decoder included); {m['episodes']} worlds batched: {m['batched_steps_per_s']:.1f} steps/s.", ""]
-    return "\n".join(lines)
+def jsonable(x):
+    """Metrics as strict JSON: numpy scalars to Python, NaN/inf to None, int keys to strings."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, (np.integer, np.bool_)):
+        return x.item()
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    return x
 
 
+# ----- command line -----
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="world-model folder (RUN/model or assets/...)")
-    p.add_argument("--data", required=True, help="dataset folder with a held-out split")
+    p.add_argument("--model", action="append", required=True, metavar="SPEC", help="PATH, PATH@STEPS or NAME=PATH@STEPS (a world-model folder); repeat for more models")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="dataset folder: clips from its held-out split")
+    src.add_argument("--record-seeds", type=int, nargs="+", metavar="SEED", help="record one episode per seed from the real emulator")
+    p.add_argument("--game", default=None, help="with --record-seeds: the game (default: the models')")
     p.add_argument("--out", required=True)
-    p.add_argument("--episodes", type=int, default=8)
-    p.add_argument("--context", type=int, default=4, help="real frames the model starts from")
+    p.add_argument("--episodes", type=int, default=8, help="with --data: clips (one per held-out episode)")
+    p.add_argument("--context", type=int, default=4, help="real frames the models start from")
     p.add_argument("--horizon", type=int, default=64)
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
-    p.add_argument("--videos", type=int, default=2)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps of models whose SPEC has no @STEPS (default: the model's)")
+    p.add_argument("--videos", type=int, default=2, help="side-by-side videos per model")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.episodes <= 0 or args.horizon <= 0 or args.context <= 0:
-        p.error("--episodes, --horizon and --context must be positive")
+    if args.episodes <= 0 or args.horizon <= 0 or args.context <= 0 or args.videos < 0:
+        p.error("--episodes, --horizon and --context must be positive, --videos >= 0")
+    if args.steps is not None and args.steps < 1:
+        p.error("--steps must be >= 1")
+    if args.game is not None and args.data is not None:
+        p.error("--game goes with --record-seeds (a dataset names its game)")
     try:
-        read_meta(args.data)
-        m = evaluate(Path(args.model), Path(args.data), Path(args.out), args.episodes, args.context, args.horizon, args.steps, args.seed, args.videos)
+        specs = [parse_spec(s) for s in args.model]
+        specs = [ModelSpec(s.name, s.path, s.steps if s.steps is not None else args.steps) for s in specs]
+        info = check_specs(specs)
+        length = args.context + args.horizon
+        if args.data is not None:
+            meta = read_meta(args.data)
+            if meta["game"] != info["game"] or meta["action_meanings"] != info["action_meanings"]:
+                raise ValueError(f"the data is {meta['game']} with actions {meta['action_meanings']}, the models {info['game']} with {info['action_meanings']}")
+            clips, actions, rewards, terminated = heldout_clips(Path(args.data), args.episodes, length, args.seed)
+            source, real_random, rand = {"kind": "heldout", "data": str(args.data)}, None, None
+        else:
+            game = args.game or info["game"]
+            if resolve_env_id(game) != resolve_env_id(info["game"]):
+                raise ValueError(f"--game {game} is not the models' game {info['game']}")
+            size, frameskip = tuple(info["frame_size"]), int(info.get("frameskip", 4))
+            rec = record_clips(game, args.record_seeds, length, size=size, frameskip=frameskip)
+            clips, actions, rewards, terminated = rec.frames, rec.actions, rec.rewards, rec.terminated
+            rand = random_actions(len(clips), args.horizon, len(info["action_meanings"]), args.seed)
+            real_random = replay_emulator(game, rec, args.context, rand, size=size, frameskip=frameskip)
+            source = {"kind": "recorded", "game": game, "seeds": rec.seeds, "skipped_seeds": rec.skipped, "frameskip": frameskip}
+        m = evaluate_models(specs, clips, actions, rewards, terminated, context=args.context, seed=args.seed, rand_actions=rand,
+                            real_random=real_random, source=source, out=Path(args.out), videos=args.videos)
     except (FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
