@@ -22,7 +22,7 @@ import torch
 from .checkpoint import CheckpointError, load_into, read_config, replace_dir, save_checkpoint
 from .config import DiTConfig, SamplingConfig, from_dict, to_dict
 from .dit import CausalDiT, Heads
-from .flow import add_noise, sampling_levels
+from .flow import sampling_levels
 from .sampler import denoise, recache
 from .tokenizer import FrameTokenizer
 
@@ -218,17 +218,7 @@ class WorldModel:
         a = self._check_actions(actions, (self.batch,))[:, None].expand(self.batch, Fc)  # the action holds for the whole chunk
         cfg = self.dit.cfg
         x = self._randn((Fc, cfg.in_channels, *cfg.latent_size), self.dtype)  # (B, F, C, h, w)
-        if self.sampling.solver != "consistency":
-            return denoise(self.dit, self.cache, a, x, self.levels, self.guidance, self.sampling.solver), a
-        # The consistency rule re-noises with fresh noise at every level; drawn here, per world, rather than
-        # from the sampler's single generator. Each pair of levels: predict x0 (a one-step denoise to 0), then
-        # re-noise it to the next level, in float32 as the sampler does.
-        for s, s_next in zip(self.levels[:-1], self.levels[1:]):
-            x = denoise(self.dit, self.cache, a, x, [s, 0.0], self.guidance, "consistency")  # x0
-            if s_next > 0:
-                eps = self._randn(tuple(x.shape[1:]), torch.float32)
-                x = add_noise(x.float(), eps, torch.full(x.shape[:2], s_next, device=self.device)).to(self.dtype)
-        return x, a
+        return denoise(self.dit, self.cache, a, x, self.levels, self.guidance, self.sampling.solver, self.generators), a
 
     def _decode(self, x0: torch.Tensor) -> np.ndarray:
         frames = self.tokenizer.decode(x0.flatten(0, 1).float())  # (B*F, H, W, 3) uint8

@@ -6,6 +6,8 @@ Two step rules along a decreasing list of levels (see `SamplingConfig.solver`):
 """
 from __future__ import annotations
 
+from typing import Sequence, Union
+
 import torch
 
 from .cache import KVCache
@@ -23,7 +25,20 @@ def velocity(model: CausalDiT, x: torch.Tensor, s: float, actions: torch.Tensor,
     return v
 
 
-def solver_step(x: torch.Tensor, v: torch.Tensor, s: float, s_next: float, solver: str, generator: torch.Generator | None = None) -> torch.Tensor:
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+
+
+def randn_like_worlds(x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """Float32 standard normal noise shaped like x (B, ...); a sequence of B generators gives world b its own
+    stream (so a world's samples do not depend on the batch it runs in)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"need one generator per world ({x.shape[0]}), got {len(generator)}")
+        return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=torch.float32) for g in generator])
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+
+
+def solver_step(x: torch.Tensor, v: torch.Tensor, s: float, s_next: float, solver: str, generator: Generators = None) -> torch.Tensor:
     """One step from level s to s_next, computed in float32 and returned in x's dtype."""
     xf, vf = x.float(), v.float()
     if solver == "euler":
@@ -33,7 +48,7 @@ def solver_step(x: torch.Tensor, v: torch.Tensor, s: float, s_next: float, solve
         if s_next == 0:
             out = x0
         else:
-            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+            eps = randn_like_worlds(x, generator)
             out = add_noise(x0, eps, torch.full(x.shape[:2], s_next, device=x.device))
     else:
         raise ValueError(f"unknown solver {solver!r}")
@@ -41,7 +56,7 @@ def solver_step(x: torch.Tensor, v: torch.Tensor, s: float, s_next: float, solve
 
 
 @torch.no_grad()
-def denoise(model: CausalDiT, cache: KVCache, actions: torch.Tensor, noise: torch.Tensor, levels: list[float], guidance: float = 1.0, solver: str = "euler", generator: torch.Generator | None = None) -> torch.Tensor:
+def denoise(model: CausalDiT, cache: KVCache, actions: torch.Tensor, noise: torch.Tensor, levels: list[float], guidance: float = 1.0, solver: str = "euler", generator: Generators = None) -> torch.Tensor:
     """Denoise one chunk from `noise` (B, F, C, h, w) along `levels` (1 -> 0); the cache is read, not extended."""
     x = noise
     for s, s_next in zip(levels[:-1], levels[1:]):
@@ -50,7 +65,7 @@ def denoise(model: CausalDiT, cache: KVCache, actions: torch.Tensor, noise: torc
 
 
 @torch.no_grad()
-def generate_chunk(model: CausalDiT, cache: KVCache, actions: torch.Tensor, noise: torch.Tensor, levels: list[float], guidance: float = 1.0, solver: str = "euler", generator: torch.Generator | None = None) -> tuple[torch.Tensor, Heads]:
+def generate_chunk(model: CausalDiT, cache: KVCache, actions: torch.Tensor, noise: torch.Tensor, levels: list[float], guidance: float = 1.0, solver: str = "euler", generator: Generators = None) -> tuple[torch.Tensor, Heads]:
     """Denoise one chunk, then commit it to the cache. Returns the clean chunk and the heads of its re-cache pass."""
     return recache(model, cache, denoise(model, cache, actions, noise, levels, guidance, solver, generator), actions)
 
