@@ -184,8 +184,13 @@ class WorldModelEnv(gym.Env):
             H, W, _ = frame.shape
             try:
                 pygame.display.init()
+                driver = pygame.display.get_driver()
+                # important: with no display SDL falls back to an invisible driver and "works", showing nothing
+                if driver in ("offscreen", "dummy") and os.environ.get("SDL_VIDEODRIVER") != driver:
+                    raise pygame.error(f"SDL found no display and fell back to its {driver!r} driver")
                 self._window = pygame.display.set_mode((W * WINDOW_SCALE, H * WINDOW_SCALE))
             except pygame.error as e:
+                pygame.display.quit()
                 raise RuntimeError(f"render_mode='human' needs a display ({e}); use render_mode='rgb_array', or SDL_VIDEODRIVER=dummy") from None
             pygame.display.set_caption(f"world model: {self.wm.info['game']}")
             self._clock = pygame.time.Clock()

@@ -330,3 +330,14 @@ def test_vector_throughput_bench(model, tmp_path):
     report = json.loads(out.read_text())
     assert [r["n"] for r in report["results"]] == [1, 2] and all(r["env_steps_per_s"] > 0 for r in report["results"])
     assert "env steps/s" in p.stdout
+
+
+def test_human_render_without_a_display_is_a_clear_error(model, monkeypatch):
+    """With no display SDL silently falls back to an invisible driver; the env must say so, not draw nowhere."""
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.delenv("SDL_VIDEODRIVER", raising=False)
+    env = WorldModelEnv(model, render_mode="human")
+    with pytest.raises(RuntimeError, match="needs a display"):
+        env.reset(seed=0)
+    env.close()
