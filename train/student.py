@@ -20,9 +20,9 @@ import torch.distributed as dist
 
 from envs.dataset import iter_windows, list_shards, read_meta
 from train.common import Dist, barrier
-from train.teacher import LATENT_KEYS, encode_split, start_contexts
+from train.teacher import LATENT_KEYS, check_same_config, encode_split, start_contexts
 from worldmodel.checkpoint import CheckpointError, flatten_optimizer, load_into, load_tensors, read_config, read_state, recover, save_checkpoint, unflatten_optimizer
-from worldmodel.config import DiTConfig, SamplingConfig, from_dict, to_dict
+from worldmodel.config import DiTConfig, SamplingConfig, to_dict
 from worldmodel.dit import CausalDiT, Heads
 from worldmodel.flow import guided, sampling_levels
 from worldmodel.runtime import export_world_model, load_dit
@@ -187,13 +187,7 @@ def save_state(ckpt: Path, cfg: DiTConfig, nets: dict[str, torch.nn.Module], opt
 
 def load_state(ckpt: Path, cfg: DiTConfig, nets: dict[str, torch.nn.Module], opts: dict[str, torch.optim.Optimizer], device: torch.device) -> dict:
     """Restore networks and optimizers saved by save_state; returns the saved state (step, args, wall_s...)."""
-    saved = read_config(ckpt)
-    try:
-        same = from_dict(DiTConfig, saved.get("config", {})) == cfg
-    except (TypeError, ValueError):
-        same = False
-    if not same:
-        raise CheckpointError(f"{ckpt} holds a model of another shape ({saved.get('config')}); use a new --out")
+    check_same_config(ckpt, cfg)
     state = read_state(ckpt)
     if state is None or "step" not in state or "optimizers" not in state:
         raise CheckpointError(f"{ckpt} has no usable state.json (step, optimizers); it is not a training checkpoint of this stage")

@@ -290,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def resume(ckpt: Path, cfg: DiTConfig, dit: CausalDiT, ema: CausalDiT, opt: torch.optim.Optimizer, device: torch.device) -> tuple[int, dict]:
-    """Load raw and EMA weights and the optimizer from a training checkpoint; returns its step and state."""
+def check_same_config(ckpt: Path, cfg: DiTConfig) -> None:
+    """A training checkpoint resumes only into a model of the same shape."""
     saved = read_config(ckpt)
     try:
         same = from_dict(DiTConfig, saved.get("config", {})) == cfg
@@ -299,6 +299,11 @@ def resume(ckpt: Path, cfg: DiTConfig, dit: CausalDiT, ema: CausalDiT, opt: torc
         same = False
     if not same:
         raise CheckpointError(f"{ckpt} holds a model of another shape ({saved.get('config')}); use a new --out or the same arguments")
+
+
+def resume(ckpt: Path, cfg: DiTConfig, dit: CausalDiT, ema: CausalDiT, opt: torch.optim.Optimizer, device: torch.device) -> tuple[int, dict]:
+    """Load raw and EMA weights and the optimizer from a training checkpoint; returns its step and state."""
+    check_same_config(ckpt, cfg)
     state = read_state(ckpt)
     if state is None or "step" not in state or "optimizer" not in state:
         raise CheckpointError(f"{ckpt} has no usable state.json (step, optimizer); it is not a training checkpoint")
