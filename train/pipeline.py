@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m train.pipeline", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--game", default="Breakout", help="ALE game name or Gymnasium id (see train.collect)")
     p.add_argument("--out", required=True, help="run folder holding every stage's output")
-    p.add_argument("--preset", default="small", choices=sorted(DIT_PRESETS), help="DiT size (teacher and students)")
+    p.add_argument("--preset", default=None, choices=sorted(DIT_PRESETS), help="DiT size (teacher and students); default small, tiny with --tiny")
     p.add_argument("--variant", default="scm", choices=["dcm", "scm"], help="stage-3 consistency variant")
     p.add_argument("--nproc", type=int, default=1, help="processes per stage 1-4 (torchrun when > 1)")
     p.add_argument("--stages", default="0-4", help="which stages to run: a range 'A-B' or a comma list '2,3'")
@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.nproc < 1:
         p.error("--nproc must be >= 1")
+    if args.preset is None:
+        args.preset = "tiny" if args.tiny else "small"
     try:
         args.stage_list = parse_stages(args.stages)
     except ValueError as e:
