@@ -196,7 +196,7 @@ def open_display(pygame) -> None:
         pygame.display.init()
         driver = pygame.display.get_driver()
         # important: with no display SDL falls back to its offscreen driver and "works", showing nothing
-        if driver in HEADLESS_DRIVERS and os.environ.get("SDL_VIDEODRIVER") != driver:
+        if driver in HEADLESS_DRIVERS and os.environ.get("SDL_VIDEODRIVER") not in HEADLESS_DRIVERS:
             raise pygame.error(f"SDL found no display and fell back to its {driver!r} driver; is DISPLAY or WAYLAND_DISPLAY set?")
     except pygame.error as e:
         pygame.display.quit()

@@ -186,7 +186,8 @@ class WorldModelEnv(gym.Env):
                 pygame.display.init()
                 driver = pygame.display.get_driver()
                 # important: with no display SDL falls back to an invisible driver and "works", showing nothing
-                if driver in ("offscreen", "dummy") and os.environ.get("SDL_VIDEODRIVER") != driver:
+                headless = ("offscreen", "dummy")  # an invisible driver is fine only when asked for
+                if driver in headless and os.environ.get("SDL_VIDEODRIVER") not in headless:
                     raise pygame.error(f"SDL found no display and fell back to its {driver!r} driver")
                 self._window = pygame.display.set_mode((W * WINDOW_SCALE, H * WINDOW_SCALE))
             except pygame.error as e:
