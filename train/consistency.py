@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from train.common import Logger, all_reduce_mean, cleanup_dist, ema_update, seed_everything, setup_dist, write_json
+from train.common import Logger, all_reduce_mean, barrier, cleanup_dist, ema_update, seed_everything, setup_dist, write_json
 from train.objectives import consistency_grid, dcm_loss, scm_loss
 from train.student import (
     Timer, add_common_args, check_common_args, check_data, command_line, export_student, fail, finite_or_raise, fixed_batch, hardware, head_loss,
@@ -110,11 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     def save(step: int) -> None:
         if d.is_main:
             save_state(ckpt, cfg, {"model": ema, "raw": student}, {"student": opt}, {"step": step, "args": vars(args), "wall_s": timer.total(), "stage": f"consistency-{args.variant}"})
-        barrier_all()
-
-    def barrier_all() -> None:
-        if d.world_size > 1:
-            torch.distributed.barrier()
+        barrier()
 
     if quick is not None and step == 0 and not args.export_only:
         log.log(0, **evaluate())

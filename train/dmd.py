@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from train.common import Logger, all_reduce_mean, cleanup_dist, ema_update, seed_everything, setup_dist, write_json
+from train.common import Logger, all_reduce_mean, barrier, cleanup_dist, ema_update, seed_everything, setup_dist, write_json
 from train.objectives import critic_loss, dmd_loss
 from train.student import (
     Timer, add_common_args, check_common_args, check_data, command_line, export_student, fail, finite_or_raise, fixed_batch, hardware, head_loss,
@@ -160,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     def save(step: int) -> None:
         if d.is_main:
             save_state(ckpt, cfg, nets, opts, {"step": step, "args": vars(args), "wall_s": timer.total(), "stage": "dmd"})
-        if d.world_size > 1:
-            torch.distributed.barrier()
+        barrier()
 
     if quick is not None and step == 0 and not args.export_only:
         log.log(0, **evaluate())

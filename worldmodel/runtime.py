@@ -23,7 +23,7 @@ from .checkpoint import CheckpointError, load_into, read_config, replace_dir, sa
 from .config import DiTConfig, SamplingConfig, from_dict, to_dict
 from .dit import CausalDiT, Heads
 from .flow import sampling_levels
-from .sampler import denoise, recache
+from .sampler import denoise, randn_worlds, recache
 from .tokenizer import FrameTokenizer
 
 MODEL_FORMAT_VERSION = 1
@@ -199,10 +199,6 @@ class WorldModel:
         for b, s in zip(worlds, seeds):
             self.generators[b].manual_seed(s)
 
-    def _randn(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """Standard normal noise (B, *shape), world b's drawn from its own generator."""
-        return torch.stack([torch.randn(shape, generator=g, device=self.device, dtype=dtype) for g in self.generators])
-
     def _observe(self, frames: np.ndarray, a: torch.Tensor, worlds: torch.Tensor | None = None) -> None:
         B, T, H, W, _ = frames.shape
         Fc = self.frames_per_chunk
@@ -217,7 +213,7 @@ class WorldModel:
         Fc = self.frames_per_chunk
         a = self._check_actions(actions, (self.batch,))[:, None].expand(self.batch, Fc)  # the action holds for the whole chunk
         cfg = self.dit.cfg
-        x = self._randn((Fc, cfg.in_channels, *cfg.latent_size), self.dtype)  # (B, F, C, h, w)
+        x = randn_worlds((self.batch, Fc, cfg.in_channels, *cfg.latent_size), self.generators, self.device, self.dtype)  # (B, F, C, h, w)
         return denoise(self.dit, self.cache, a, x, self.levels, self.guidance, self.sampling.solver, self.generators), a
 
     def _decode(self, x0: torch.Tensor) -> np.ndarray:

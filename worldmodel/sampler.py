@@ -28,14 +28,14 @@ def velocity(model: CausalDiT, x: torch.Tensor, s: float, actions: torch.Tensor,
 Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 
 
-def randn_like_worlds(x: torch.Tensor, generator: Generators) -> torch.Tensor:
-    """Float32 standard normal noise shaped like x (B, ...); a sequence of B generators gives world b its own
-    stream (so a world's samples do not depend on the batch it runs in)."""
+def randn_worlds(shape: tuple[int, ...], generator: Generators, device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal noise of `shape` (B, ...); a sequence of B generators gives world b its own stream
+    (so a world's samples do not depend on the batch it runs in)."""
     if isinstance(generator, (list, tuple)):
-        if len(generator) != x.shape[0]:
-            raise ValueError(f"need one generator per world ({x.shape[0]}), got {len(generator)}")
-        return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=torch.float32) for g in generator])
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        if len(generator) != shape[0]:
+            raise ValueError(f"need one generator per world ({shape[0]}), got {len(generator)}")
+        return torch.stack([torch.randn(shape[1:], generator=g, device=device, dtype=dtype) for g in generator])
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
 
 def solver_step(x: torch.Tensor, v: torch.Tensor, s: float, s_next: float, solver: str, generator: Generators = None) -> torch.Tensor:
@@ -48,7 +48,7 @@ def solver_step(x: torch.Tensor, v: torch.Tensor, s: float, s_next: float, solve
         if s_next == 0:
             out = x0
         else:
-            eps = randn_like_worlds(x, generator)
+            eps = randn_worlds(tuple(x.shape), generator, x.device)
             out = add_noise(x0, eps, torch.full(x.shape[:2], s_next, device=x.device))
     else:
         raise ValueError(f"unknown solver {solver!r}")
