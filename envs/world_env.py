@@ -90,6 +90,7 @@ class WorldModelEnv(gym.Env):
     - `render_mode`: None, "rgb_array" (`render()` returns the newest frame) or "human" (a pygame window,
       scaled up 8x nearest-neighbour, at `metadata["render_fps"]`).
     - `device`: torch device of the model ("cpu").
+    - `dtype`: precision of the model ("float32", or "bfloat16" / "float16"; see `WorldModel.load`).
     - `context`: start frames to use from each shipped start context (None: all of them).
     - `end_threshold`: episode-end probability above which the episode terminates (0.5).
 
@@ -102,12 +103,12 @@ class WorldModelEnv(gym.Env):
 
     def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, steps: int | None = None, guidance: float | None = None,
                  frame_stack: int = 1, render_mode: str | None = None, device: str = "cpu", context: int | None = None,
-                 end_threshold: float = 0.5) -> None:
+                 end_threshold: float = 0.5, dtype: str = "float32") -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
         check_end_threshold(end_threshold)
         self.model_path = Path(model)
-        self.wm, self.start_frames, self.start_actions = load_world_model(self.model_path, steps=steps, guidance=guidance, device=device, batch=1, context=context)
+        self.wm, self.start_frames, self.start_actions = load_world_model(self.model_path, steps=steps, guidance=guidance, device=device, batch=1, context=context, dtype=dtype)
         self.frame_stack = check_frame_stack(frame_stack)
         self.render_mode = render_mode
         self.end_threshold = end_threshold
@@ -203,10 +204,10 @@ class WorldModelEnv(gym.Env):
 
 
 # ----- shared with the vector env -----
-def load_world_model(model: Path, *, steps: int | None, guidance: float | None, device: str, batch: int, context: int | None) -> tuple[WorldModel, np.ndarray, np.ndarray]:
+def load_world_model(model: Path, *, steps: int | None, guidance: float | None, device: str, batch: int, context: int | None, dtype: str = "float32") -> tuple[WorldModel, np.ndarray, np.ndarray]:
     """The runtime for `batch` worlds and the folder's start contexts cut to their last `context` frames:
     frames (K, context, H, W, 3) uint8, actions (K, context)."""
-    wm = WorldModel.load(model, device=device, steps=steps, guidance=guidance, batch=batch)
+    wm = WorldModel.load(model, device=device, steps=steps, guidance=guidance, batch=batch, dtype=dtype)
     frames, actions = load_start_frames(model / "start_frames.npz")
     T, Fc = frames.shape[1], wm.frames_per_chunk
     if frames.shape[2:] != wm.frame_shape:

@@ -9,12 +9,14 @@ A world-model folder (what training exports and `assets/` ships):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import time
 import zipfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -61,6 +63,45 @@ def load_start_frames(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return frames, actions
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """"float32" / "bfloat16" / "float16" (or the torch dtype itself; None means float32)."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+
+
+class PhaseTimer:
+    """Wall time of each phase of `WorldModel.step_batch`, in seconds, one entry per call:
+    "denoise" (the transformer passes of the denoising steps, noise included), "recache" (the clean t=0
+    pass that extends the KV cache and reads the heads) and "decode" (latents -> uint8 frames on the host).
+    On CUDA each phase is synchronised at both ends, so the split is the device's, not the launch queue's."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.sync = torch.device(device).type == "cuda"
+        self.times: dict[str, list[float]] = {"denoise": [], "recache": [], "decode": []}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        if self.sync:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if self.sync:
+            torch.cuda.synchronize()
+        self.times.setdefault(phase, []).append(time.perf_counter() - t0)
+
+    def clear(self) -> None:
+        for v in self.times.values():
+            v.clear()
+
+
 class WorldModel:
     """Holds the DiT, the tokenizer and a KV cache for `batch` worlds."""
 
@@ -84,18 +125,23 @@ class WorldModel:
         # batch seeded s equals a batch-1 runtime seeded s + b (the vector env relies on this).
         self.generators = [torch.Generator(device=self.device) for _ in range(batch)]
         self.heads: Heads | None = None
+        self.timer: PhaseTimer | None = None  # set a PhaseTimer to record where step time goes (bench/)
         self._started = False
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu", steps: int | None = None, guidance: float | None = None, batch: int = 1) -> "WorldModel":
+    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu", steps: int | None = None, guidance: float | None = None, batch: int = 1, dtype: str | torch.dtype | None = None) -> "WorldModel":
+        """Load a world-model folder for inference. `dtype` ("float32", the default, or "bfloat16" / "float16")
+        is the precision of the DiT, its KV cache and the tokenizer's VAE; noise levels, rotary phases, solver
+        updates and heads stay float32."""
+        dt = resolve_dtype(dtype)
         path = Path(path)
         info = read_config(path)
         if info.get("kind") != "world_model":
             raise CheckpointError(f"{str(path)!r} is not a world-model folder (config.json kind is {info.get('kind')!r}, want 'world_model')")
         if info.get("format_version") != MODEL_FORMAT_VERSION:
             raise CheckpointError(f"{str(path)!r} has format_version {info.get('format_version')!r}; this code reads {MODEL_FORMAT_VERSION}")
-        dit = load_dit(path / "dit", device)
-        tok = FrameTokenizer.load(path / "tokenizer", device=device).eval()
+        dit = load_dit(path / "dit", device).to(dt)
+        tok = FrameTokenizer.load(path / "tokenizer", device=device).eval().prepare_inference(dt)
         meanings = info.get("action_meanings")
         if not isinstance(meanings, list) or len(meanings) != dit.cfg.num_actions:
             raise CheckpointError(f"{str(path)!r}: config.json names {meanings!r} as actions but the DiT has {dit.cfg.num_actions}")
@@ -213,26 +259,34 @@ class WorldModel:
         Fc = self.frames_per_chunk
         a = self._check_actions(actions, (self.batch,))[:, None].expand(self.batch, Fc)  # the action holds for the whole chunk
         cfg = self.dit.cfg
-        x = randn_worlds((self.batch, Fc, cfg.in_channels, *cfg.latent_size), self.generators, self.device, self.dtype)  # (B, F, C, h, w)
+        x = randn_worlds((self.batch, Fc, cfg.in_channels, *cfg.latent_size), self.generators, self.device).to(self.dtype)  # (B, F, C, h, w); float32 draws, so every dtype sees the same noise
         return denoise(self.dit, self.cache, a, x, self.levels, self.guidance, self.sampling.solver, self.generators), a
 
     def _decode(self, x0: torch.Tensor) -> np.ndarray:
         frames = self.tokenizer.decode(x0.flatten(0, 1).float())  # (B*F, H, W, 3) uint8
         return frames.reshape(self.batch, self.frames_per_chunk, *self.frame_shape).cpu().numpy()
 
+    def _phase(self, name: str) -> contextlib.AbstractContextManager:
+        return self.timer(name) if self.timer is not None else contextlib.nullcontext()
+
     @torch.no_grad()
     def step_batch(self, actions: np.ndarray | Sequence[int]) -> np.ndarray:
         """One action per world -> the next chunk of every world, uint8 (B, F, H, W, 3)."""
-        x0, a = self._denoise(actions)
-        _, self.heads = recache(self.dit, self.cache, x0, a)
-        return self._decode(x0)
+        with self._phase("denoise"):
+            x0, a = self._denoise(actions)
+        with self._phase("recache"):
+            _, self.heads = recache(self.dit, self.cache, x0, a)
+        with self._phase("decode"):
+            return self._decode(x0)
 
     @torch.no_grad()
     def predict_batch(self, actions: np.ndarray | Sequence[int]) -> np.ndarray:
         """Like step_batch, but the generated chunk is not added to the context (teacher-forced evaluation:
         follow with observe() of the real frames)."""
-        x0, _ = self._denoise(actions)
-        return self._decode(x0)
+        with self._phase("denoise"):
+            x0, _ = self._denoise(actions)
+        with self._phase("decode"):
+            return self._decode(x0)
 
     def step(self, action: int) -> np.ndarray:
         """Single world: action -> the next chunk's frames, uint8 (F, H, W, 3)."""

@@ -73,6 +73,26 @@ class FrameTokenizer(nn.Module):
         # Not saved in model.safetensors: the statistics live in the config (config.json).
         self.register_buffer("latent_mean", mean, persistent=False)  # (1, C, 1, 1)
         self.register_buffer("latent_std", std, persistent=False)  # (1, C, 1, 1)
+        self._vae_dtype: torch.dtype | None = None  # set by prepare_inference
+
+    def prepare_inference(self, dtype: torch.dtype = torch.float32) -> "FrameTokenizer":
+        """Inference layout for the VAE: weights in channels-last memory (oneDNN's fast convolution path on
+        CPU; the same numbers as the default layout) and in `dtype` (bfloat16 halves the work on CPUs with
+        native bf16). Inputs are converted on the way in and outputs come back float32; the latent statistics
+        stay float32. Not for training."""
+        if self.vae is not None:
+            # nn.Module.to itself: diffusers' override warns about fp32-only modules, of which this VAE has none
+            nn.Module.to(self.vae, dtype=dtype, memory_format=torch.channels_last)
+            self._vae_dtype = dtype
+        return self
+
+    def _to_vae(self, x: torch.Tensor) -> torch.Tensor:
+        if self._vae_dtype is None:
+            return x
+        return x.to(self._vae_dtype).contiguous(memory_format=torch.channels_last)
+
+    def _from_vae(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self._vae_dtype is None else x.float().contiguous()
 
     # ---- normalisation -------------------------------------------------------------------------------
     def _stats_tensors(self, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +149,7 @@ class FrameTokenizer(nn.Module):
             x = pixels.reshape(b, 3, hh // p, p, ww // p, p)  # (B, 3, h, p, w, p)
             x = x.permute(0, 1, 3, 5, 2, 4)  # (B, 3, p, p, h, w)
             return x.reshape(b, 3 * p * p, hh // p, ww // p)  # (B, 3*p*p, h, w)
-        return self.vae.encode(pixels).latent_dist.mean
+        return self._from_vae(self.vae.encode(self._to_vae(pixels)).latent_dist.mean)
 
     def decode_raw(self, raw: torch.Tensor) -> torch.Tensor:
         """raw latents (B, C, h, w) -> float pixels (B, 3, H, W), not clamped."""
@@ -139,7 +159,7 @@ class FrameTokenizer(nn.Module):
             x = raw.reshape(b, 3, p, p, h, w)  # (B, 3, p, p, h, w)
             x = x.permute(0, 1, 4, 2, 5, 3)  # (B, 3, h, p, w, p)
             return x.reshape(b, 3, h * p, w * p)  # (B, 3, H, W)
-        return self.vae.decode(raw).sample
+        return self._from_vae(self.vae.decode(self._to_vae(raw)).sample)
 
     # ---- public API ----------------------------------------------------------------------------------
     @torch.no_grad()
