@@ -189,6 +189,9 @@ def soak(model_path: str | os.PathLike, steps: int, every: int, start: int, seed
     max_pos = cache.max_position()
     ends, gen_s, interval_gen_s = 0, 0.0, 0.0
     rows_at = report_steps(steps, every)
+    # the newest frame at each row, allocated and touched up front so that filling it does not show as growth
+    snapshots = np.zeros((len(rows_at), *context.shape[1:]), dtype=np.uint8)
+    snapshots.fill(0)
     next_row = 0
     t_run = t_interval = time.perf_counter()
     last_row_step = 0
@@ -229,6 +232,7 @@ def soak(model_path: str | os.PathLike, steps: int, every: int, start: int, seed
                    "steps_per_s": n / wall, "gen_steps_per_s": n / interval_gen_s if interval_gen_s > 0 else math.inf,
                    **agg.result(), "ends": agg.ends}
             rows.append(row)
+            snapshots[len(rows) - 1] = obs
             if on_row is not None:
                 on_row(row)
             agg = Aggregate(collapse_std)
@@ -255,6 +259,7 @@ def soak(model_path: str | os.PathLike, steps: int, every: int, start: int, seed
                   "chunks_played": int(cache.n_chunks.max())},
         "start_context_pixel_std": context_std, "collapse_std_threshold": collapse_std, "rss_source": rss_source,
         "torch": torch.__version__, "real": real, "rows": rows, "summary": summary,
+        "snapshots": snapshots,  # (rows, H, W, 3) uint8; not written to JSON
     }
     wm.close()
     del wm, cache
@@ -337,6 +342,23 @@ def plot(results: dict[str, dict[str, Any]], path: str) -> None:
 
 
 # ----- CLI -----
+def contact_sheet(results: dict[str, dict[str, Any]], path: str, scale: int = 2) -> None:
+    """One line of frames per model (the newest frame at each row, left to right), scaled up nearest-neighbour."""
+    import cv2
+
+    lines = []
+    width = max(len(r["snapshots"]) for r in results.values())
+    for r in results.values():
+        snaps = r["snapshots"]
+        pad = np.zeros((width - len(snaps), *snaps.shape[1:]), dtype=np.uint8)
+        lines.append(np.concatenate(list(np.concatenate([snaps, pad])), axis=1))  # (H, width * W, 3)
+    sheet = np.concatenate(lines, axis=0)
+    sheet = cv2.resize(sheet, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"could not write {path!r}")
+
+
 def parse_model(spec: str) -> tuple[str, Path]:
     name, sep, path = spec.partition("=")
     if sep and name and os.sep not in name and "/" not in name:
@@ -383,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seeds the policy and the model's noise")
     p.add_argument("--out", default="soak.json", help="JSON results file")
     p.add_argument("--plot", default=None, help="PNG of RSS, layout-ok rate, paddle-found rate and flicker over steps")
+    p.add_argument("--frames", default=None, help="PNG contact sheet: the newest frame at every row, one line per model")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
@@ -429,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                          "denoise_steps": args.denoise_steps, "plot": args.plot},
               "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
               "machine": platform.processor() or platform.machine(), "rss_source": sorted(rss_sources)[0] if len(rss_sources) == 1 else sorted(rss_sources),
-              "models": results}
+              "models": {n: {k: v for k, v in r.items() if k != "snapshots"} for n, r in results.items()}}
     if any(not s.startswith("/proc") for s in rss_sources):
         report["rss_note"] = "no /proc/self/status here: rss_mib is resource.getrusage's peak resident size, which never falls"
     out = Path(args.out)
@@ -440,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         plot(results, args.plot)
         print(f"wrote {args.plot}")
+    if args.frames:
+        contact_sheet(results, args.frames)
+        print(f"wrote {args.frames}")
     return 0
 
 

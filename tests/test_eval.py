@@ -118,6 +118,10 @@ def test_parse_spec():
     assert parse_spec("runs/t/model") == ModelSpec("runs/t/model", Path("runs/t/model"), None)
     assert parse_spec("runs/t/model@4") == ModelSpec("runs/t/model@4", Path("runs/t/model"), 4)
     assert parse_spec("student=~/s/model@1") == ModelSpec("student", Path("~/s/model").expanduser(), 1)
+    assert parse_spec("s16=m@2#bfloat16") == ModelSpec("s16", Path("m"), 2, "bfloat16")
+    assert parse_spec("m#float16") == ModelSpec("m#float16", Path("m"), None, "float16")
+    with pytest.raises(ValueError, match="DTYPE after '#' must be one of"):
+        parse_spec("m@2#int8")
     with pytest.raises(ValueError, match="STEPS"):
         parse_spec("a=b@-1")
 

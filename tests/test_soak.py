@@ -110,8 +110,8 @@ def test_same_seed_same_run(model):
 
 
 def test_cli_table_and_json(model, tmp_path):
-    out, png = tmp_path / "soak.json", tmp_path / "soak.png"
-    p = run("-m", "bench.soak", "--model", str(model), "--steps", "60", "--every", "20", "--out", str(out), "--plot", str(png))
+    out, png, sheet = tmp_path / "soak.json", tmp_path / "soak.png", tmp_path / "frames.png"
+    p = run("-m", "bench.soak", "--model", str(model), "--steps", "60", "--every", "20", "--out", str(out), "--plot", str(png), "--frames", str(sheet))
     assert "RSS MiB" in p.stdout and "layout" in p.stdout and "real (start frames)" in p.stdout and "== comparison" in p.stdout
     table = [line.split() for line in p.stdout.splitlines() if line.strip() and line.split()[0] in ("20", "40", "60")]
     assert [t[0] for t in table] == ["20", "40", "60"]
@@ -121,6 +121,9 @@ def test_cli_table_and_json(model, tmp_path):
     assert [r["step"] for r in res["rows"]] == [20, 40, 60]
     assert res["summary"]["cache_bytes_constant"] and res["summary"]["max_position_within_bound"]
     assert png.stat().st_size > 0
+    import cv2
+
+    assert cv2.imread(str(sheet)).shape == (2 * 64, 2 * 3 * 64, 3)  # one line, a frame per row, scaled 2x
 
 
 def test_report_rows_include_1000():

@@ -5,7 +5,8 @@
     python -m train.evaluate --model assets/breakout --record-seeds 0 1 2 3 --out EVAL_DIR
 
 Models: `--model SPEC`, repeatable; SPEC is PATH, PATH@STEPS or NAME=PATH@STEPS (STEPS overrides the model's
-denoising steps; NAME labels it in the tables, default the SPEC's PATH@STEPS). Clips: `--episodes` held-out
+denoising steps; NAME labels it in the tables, default the SPEC itself), optionally ending in #DTYPE
+(bfloat16 or float16; float32 by default) to evaluate the model in that precision. Clips: `--episodes` held-out
 episodes of a dataset (`--data`; a random window of each), or episodes recorded now from the real emulator
 (`--record-seeds`, game from the models or `--game`): the behaviour policy of train.collect with seed s plays
 from `env.reset(seed=s)`, frames preprocessed as in the dataset, and the clip starts after a warm-up of
@@ -69,7 +70,7 @@ from train.eval_metrics import (action_directions, mean_abs_diff, mse, paddle_re
                                 reward_scores, ssim, termination_scores)
 from train.eval_report import plot_curves, report, side_by_side_video, slug
 from worldmodel.checkpoint import CheckpointError, read_config
-from worldmodel.runtime import WorldModel
+from worldmodel.runtime import DTYPES, WorldModel
 
 __all__ = ["HORIZONS", "ModelSpec", "parse_spec", "heldout_clips", "record_clips", "replay_emulator", "random_actions", "Reference",
            "reference", "evaluate_model", "evaluate_models", "report", "mse", "psnr_of", "ssim", "side_by_side_video", "main"]
@@ -81,18 +82,24 @@ SPEED_STEPS, SPEED_WARMUP = 48, 8
 # ----- models -----
 @dataclass(frozen=True)
 class ModelSpec:
-    """One --model: a world-model folder, its denoising steps (None: the model's own) and a label."""
+    """One --model: a world-model folder, its denoising steps (None: the model's own), a label and the
+    precision it runs in."""
 
     name: str
     path: Path
     steps: int | None = None
+    dtype: str = "float32"
 
 
 def parse_spec(text: str) -> ModelSpec:
-    """'PATH', 'PATH@STEPS' or 'NAME=PATH@STEPS' -> ModelSpec (PATH may start with ~)."""
+    """'PATH', 'PATH@STEPS' or 'NAME=PATH@STEPS', each optionally ending in '#DTYPE' (float32, the default,
+    bfloat16 or float16) -> ModelSpec (PATH may start with ~)."""
     name, sep, rest = text.partition("=")
     if not sep:
         name, rest = "", text
+    rest, hashed, dtype = rest.partition("#")
+    if hashed and dtype not in DTYPES:
+        raise ValueError(f"bad --model {text!r}: DTYPE after '#' must be one of {sorted(DTYPES)}, got {dtype!r}")
     path, at, steps = rest.rpartition("@") if "@" in rest else (rest, "", "")
     if sep and not name.strip():
         raise ValueError(f"bad --model {text!r}: empty NAME before '='")
@@ -100,7 +107,7 @@ def parse_spec(text: str) -> ModelSpec:
         raise ValueError(f"bad --model {text!r}: no PATH (use PATH, PATH@STEPS or NAME=PATH@STEPS)")
     if at and not (steps.isdigit() and int(steps) >= 1):
         raise ValueError(f"bad --model {text!r}: STEPS after '@' must be an integer >= 1, got {steps!r}")
-    return ModelSpec(name=name.strip() or rest, path=Path(path).expanduser(), steps=int(steps) if at else None)
+    return ModelSpec(name=name.strip() or text, path=Path(path).expanduser(), steps=int(steps) if at else None, dtype=dtype if hashed else "float32")
 
 
 def check_specs(specs: Sequence[ModelSpec]) -> dict:
@@ -125,7 +132,7 @@ def check_specs(specs: Sequence[ModelSpec]) -> dict:
 
 def load_model(spec: ModelSpec, batch: int) -> WorldModel:
     """The spec's world model for `batch` worlds, at its denoising steps; one frame per chunk only."""
-    wm = WorldModel.load(spec.path, steps=spec.steps, batch=batch)
+    wm = WorldModel.load(spec.path, steps=spec.steps, batch=batch, dtype=spec.dtype)
     if wm.frames_per_chunk != 1:
         raise ValueError(f"{spec.name}: evaluate drives one action per step and supports models with one frame per chunk; this one has {wm.frames_per_chunk}")
     return wm
@@ -340,7 +347,7 @@ def jsonable(x):
 # ----- command line -----
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", action="append", required=True, metavar="SPEC", help="PATH, PATH@STEPS or NAME=PATH@STEPS (a world-model folder); repeat for more models")
+    p.add_argument("--model", action="append", required=True, metavar="SPEC", help="PATH, PATH@STEPS or NAME=PATH@STEPS (a world-model folder), optionally ending in #bfloat16 or #float16; repeat for more models")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="dataset folder: clips from its held-out split")
     src.add_argument("--record-seeds", type=int, nargs="+", metavar="SEED", help="record one episode per seed from the real emulator")
@@ -361,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--game goes with --record-seeds (a dataset names its game)")
     try:
         specs = [parse_spec(s) for s in args.model]
-        specs = [ModelSpec(s.name, s.path, s.steps if s.steps is not None else args.steps) for s in specs]
+        specs = [ModelSpec(s.name, s.path, s.steps if s.steps is not None else args.steps, s.dtype) for s in specs]
         info = check_specs(specs)
         length = args.context + args.horizon
         if args.data is not None:
