@@ -46,3 +46,17 @@ def teacher(data, tokenizer, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("teacher")
     run("-m", "train.teacher", "--data", str(data), "--tokenizer", str(tokenizer), "--out", str(out), "--steps", "3", *TEACHER)
     return out
+
+
+@pytest.fixture(scope="session")
+def model(teacher) -> Path:
+    """The tiny teacher's exported world-model folder."""
+    return teacher / "model"
+
+
+@pytest.fixture(scope="session")
+def starts(model):
+    """Its real start contexts: frames (K, T, H, W, 3) uint8, actions (K, T)."""
+    from worldmodel.runtime import load_start_frames
+
+    return load_start_frames(model / "start_frames.npz")

@@ -16,21 +16,10 @@ import worldmodel  # noqa: F401  (registers the ids)
 from envs.registration import env_id, model_folders, register_envs, registered_ids
 from envs.vector_env import WorldModelVectorEnv
 from envs.world_env import WorldModelEnv
-from worldmodel.runtime import load_start_frames
 
 from tests.conftest import ENV, ROOT, run
 
 ID = "worldmodel/Breakout-v0"
-
-
-@pytest.fixture(scope="module")
-def model(teacher):
-    return teacher / "model"
-
-
-@pytest.fixture(scope="module")
-def starts(model):
-    return load_start_frames(model / "start_frames.npz")
 
 
 @pytest.fixture

@@ -31,11 +31,6 @@ NOOP, FIRE, RIGHT, LEFT = range(4)
 
 
 @pytest.fixture(scope="module")
-def model(teacher):
-    return teacher / "model"
-
-
-@pytest.fixture(scope="module")
 def acting_model(model, tmp_path_factory):
     """The tiny model with its adaLN-Zero layers (zero at init, barely moved by 3 training steps) and action
     embedding shaken, so that the action reaches the pixels: RIGHT and LEFT must give different frames."""

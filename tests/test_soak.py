@@ -18,11 +18,6 @@ RSS_FROM = 100  # RSS growth is measured from the row at this step (allocator wa
 
 
 @pytest.fixture(scope="module")
-def model(teacher):
-    return teacher / "model"
-
-
-@pytest.fixture(scope="module")
 def latent_step_mib(model) -> float:
     """MiB of one step's generated latents (frames_per_chunk x C x h x w float32): 48 KiB for the tiny model."""
     cfg = WorldModel.load(model).dit.cfg

@@ -8,20 +8,10 @@ import pytest
 import torch
 
 from worldmodel.config import TokenizerConfig
-from worldmodel.runtime import PhaseTimer, WorldModel, load_start_frames
+from worldmodel.runtime import PhaseTimer, WorldModel
 from worldmodel.tokenizer import FrameTokenizer
 
 from tests.conftest import run
-
-
-@pytest.fixture(scope="module")
-def model(teacher):
-    return teacher / "model"
-
-
-@pytest.fixture(scope="module")
-def starts(model):
-    return load_start_frames(model / "start_frames.npz")
 
 
 def rollout(wm: WorldModel, starts, actions, seed=0) -> tuple[np.ndarray, np.ndarray]:
