@@ -40,20 +40,19 @@ import json
 import math
 import os
 import platform
-import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from bench.memory import maxrss_mib, status_mib
+
 REPORT_STEP = 1000  # always a row here (when steps >= 1000): the summary's "RSS at 1k"
 PROBE_BATCH = 64  # frames probed at once: ~6x cheaper per frame than one by one (measured fastest at 32-64), ~3 MiB of temporaries
 COLLAPSE_STD_FRACTION = 0.05  # a frame whose pixel std is below this fraction of the start context's is flat
 LAYOUT_BREAK_RATE = 0.5  # the summary names the first row whose interval layout-ok rate falls below this
 END_THRESHOLD = 0.5
-MIB = 2**20
 REAL = "real (start frames)"
 
 
@@ -76,16 +75,10 @@ def rss_mib() -> tuple[float, str]:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024, "/proc/self/status VmRSS" + (" after malloc_trim(0)" if trim is not None else "")
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    source = "resource.getrusage ru_maxrss: PEAK resident size, not current (/proc/self/status is absent), so it can only grow"
-    return peak / (MIB if sys.platform == "darwin" else 1024), source
+    rss = status_mib("VmRSS")
+    if rss is not None:
+        return rss, "/proc/self/status VmRSS" + (" after malloc_trim(0)" if trim is not None else "")
+    return maxrss_mib(), "resource.getrusage ru_maxrss: PEAK resident size, not current (/proc/self/status is absent), so it can only grow"
 
 
 # ----- frame statistics -----

@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -43,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from bench.memory import maxrss_mib, status_mib
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STUDENT = ROOT / "assets" / "breakout"
@@ -166,13 +167,8 @@ def peak_memory(cfg: Config, device: str, warmup: int, seed: int) -> dict:
 def peak_rss_mib() -> float:
     """This process's peak resident set in MiB: VmHWM (reset by exec, unlike ru_maxrss, which a child keeps
     from the parent it was forked from), or ru_maxrss where /proc is absent."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 2**20)
+    hwm = status_mib("VmHWM")
+    return hwm if hwm is not None else maxrss_mib()
 
 
 def memory_child(cfg: dict, device: str, warmup: int, seed: int) -> dict:
