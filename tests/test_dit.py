@@ -23,11 +23,16 @@ def make_model(seed: int = 0, **over) -> CausalDiT:
     return model
 
 
-@pytest.mark.parametrize("frames_per_chunk,sinks,window", [(1, 1, 3), (2, 2, 2), (1, 0, 2)])
-def test_cached_generation_equals_full_forward(frames_per_chunk, sinks, window):
+INPUTS = {"plain": {}, "prev": dict(prev_frame=True), "delta": dict(delta=True), "prev+delta": dict(prev_frame=True, delta=True)}
+
+
+@pytest.mark.parametrize("frames_per_chunk,sinks,window,inputs", [(1, 1, 3, "plain"), (2, 2, 2, "plain"), (1, 0, 2, "plain"),
+                                                                   (1, 1, 3, "prev"), (2, 2, 2, "prev+delta"), (1, 1, 3, "delta")])
+def test_cached_generation_equals_full_forward(frames_per_chunk, sinks, window, inputs):
     """Generate chunk by chunk with the cache (sinks + window active well past the window), record every
-    denoiser call, then replay the same inputs through the teacher-forcing pack in one forward."""
-    model = make_model(frames_per_chunk=frames_per_chunk, sink_chunks=sinks, window_chunks=window)
+    denoiser call, then replay the same inputs through the teacher-forcing pack in one forward. With the
+    previous-frame inputs this also checks that the cache keeps the same previous frame as the pack."""
+    model = make_model(frames_per_chunk=frames_per_chunk, sink_chunks=sinks, window_chunks=window, **INPUTS[inputs])
     cfg = model.cfg
     n_chunks, Fc, B = sinks + window + 5, frames_per_chunk, 2
     g = torch.Generator().manual_seed(1)
@@ -66,10 +71,11 @@ def test_cached_generation_equals_full_forward(frames_per_chunk, sinks, window):
     torch.testing.assert_close(heads.end_logit, torch.cat(heads_cached, dim=1), **TOL)
 
 
-def test_causality_of_pack():
+@pytest.mark.parametrize("inputs", ["plain", "prev+delta"])
+def test_causality_of_pack(inputs):
     """A noisy chunk's output depends on neither later clean chunks nor its own clean copy; earlier
     outputs never depend on a later chunk's input or action."""
-    model = make_model(frames_per_chunk=1, sink_chunks=1, window_chunks=8)
+    model = make_model(frames_per_chunk=1, sink_chunks=1, window_chunks=8, **INPUTS[inputs])
     cfg = model.cfg
     B, T = 2, 6
     g = torch.Generator().manual_seed(0)

@@ -1,18 +1,30 @@
-"""The evaluation command end to end (held-out data and freshly recorded episodes, several models), and its
-measures on hand-made inputs: SSIM against a slow reference, reward / episode-end scores, paddle response."""
+"""The evaluation command end to end (held-out data and freshly recorded episodes under each clip policy, several
+models), and its measures on hand-made inputs: SSIM against a slow reference, reward / episode-end scores,
+reward events reproduced, probe errors pooled and at exact steps, paddle response, partial denoising, the
+contact sheet."""
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
 
-from train.eval_metrics import (SSIM_K2, action_directions, event_scores, gaussian_window, luma, paddle_response, pooled,
-                                probe_errors, reward_scores, ssim, termination_scores)
-from train.evaluate import ModelSpec, evaluate_models, heldout_clips, main, parse_spec, record_clips, replay_emulator
+from envs.probe import probe_breakout
+from envs.policies import BreakoutTracker, MixedPolicy, PersistentRandom
+from train.eval_clips import clip_policy
+from train.eval_metrics import (GLANCE_KEYS, SSIM_K2, action_directions, event_scores, events_reproduced, exact_horizons,
+                                gaussian_window, luma, paddle_response, pooled, probe_errors, probe_exact_at, reward_scores,
+                                ssim, termination_scores)
+from train.eval_report import SHEET_HEADER_H, SHEET_LABEL_W, contact_sheet
+from train.evaluate import (ModelSpec, evaluate_models, heldout_clips, load_model, main, parse_spec, partial_denoise, partial_denoise_ball,
+                            random_actions, record_clips, reference, replay_emulator, rollout, teacher_forced)
+from worldmodel.checkpoint import read_config
+from worldmodel.runtime import load_dit, save_dit
 
 from tests.conftest import run
 
@@ -28,10 +40,27 @@ def finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+@pytest.fixture(scope="module")
+def shaken(model, tmp_path_factory) -> Path:
+    """The tiny model with its adaLN-Zero layers (zero at init, barely moved by 3 training steps) and action
+    embedding shaken, so that the context and the actions reach the pixels (as test_play's acting_model)."""
+    out = tmp_path_factory.mktemp("shaken") / "model"
+    shutil.copytree(model, out)
+    dit = load_dit(model / "dit")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in dit.named_parameters():
+            if "ada" in name or "final" in name or "a_embed" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    shutil.rmtree(out / "dit")
+    save_dit(dit, out / "dit")
+    return out
+
+
 # ----- the command -----
-def test_two_models_on_heldout_data(teacher, data, tmp_path):
+def test_two_models_on_heldout_data(teacher, shaken, data, tmp_path):
     model = teacher / "model"
-    p = run("-m", "train.evaluate", "--model", f"one={model}@1", "--model", f"two={model}@2", "--data", str(data),
+    p = run("-m", "train.evaluate", "--model", f"one={model}@1", "--model", f"two={shaken}@2", "--data", str(data),
             "--out", str(tmp_path), "--episodes", "2", "--context", "2", "--horizon", "10", "--videos", "1")
     m = strict_json(tmp_path / "metrics.json")
     assert list(m["models"]) == ["one", "two"] and m["episodes"] == 2 and m["horizon"] == 10
@@ -52,12 +81,34 @@ def test_two_models_on_heldout_data(teacher, data, tmp_path):
         assert finite(c["divergence_mean"]) and c["real_divergence_mean"] is None  # no emulator for a dataset
         assert 0 <= c["paddle_response_random_actions"] <= 1
     assert finite(m["real"]["paddle_response_real_actions"]) and m["real"]["paddle_response_random_actions"] is None
-    # the same model, the same clips and noise: the baselines do not depend on the model
+    # the same clips and noise: the baselines do not depend on the model
     assert m["models"]["one"]["rollout_psnr_at"]["8"]["hold_last_psnr"] == m["models"]["two"]["rollout_psnr_at"]["8"]["hold_last_psnr"]
+    # at a glance: the probe at exact steps, reward events and partial denoising on the first steps
+    assert m["exact_horizons"] == [1, 4, 8, 10] and m["glance_steps"] == 10
+    with np.load(tmp_path / "rollouts.npz") as z:
+        real_probe, gen_probe, tf_probe = (probe_breakout(z[k]) for k in ("real", "rollout_1", "teacher_forced_1"))
+    want, tf = (probe_exact_at(real_probe, g, [1, 4, 8, 10]) for g in (gen_probe, tf_probe))  # on the free rollout, not teacher-forced
+    assert want != tf, "the shaken model's rollout and teacher-forced frames should read differently"
+    for h, v in m["models"]["two"]["probe_exact_at"].items():
+        assert set(v) == {*GLANCE_KEYS, "ball_both"} and 0 <= v["ball_agree"] <= 1 and v["ball_both"] == want[int(h)]["ball_both"]
+        for k in GLANCE_KEYS:
+            assert v[k] == pytest.approx(want[int(h)][k]) if v[k] is not None else math.isnan(want[int(h)][k]), (h, k)
+    assert set(m["hold_last"]["probe_exact_at"]) == {"1", "4", "8", "10"}
+    balls = int((~np.isnan(real_probe["ball_x"][:, :10])).sum())
+    for mm in m["models"].values():
+        ev = mm["reward_events_rollout"]
+        assert ev["steps"] == 20 and ev["tol"] == 1 and ev["model_events"] >= ev["false_events"] >= 0
+        assert all(ev[k] is None or 0 <= ev[k] <= 1 for k in ("reproduced", "false_rate"))
+        pd = mm["partial_denoise_ball"]
+        assert list(pd) == ["1.0", "0.4", "0.2"] and all(v["n"] == balls and 0 <= v["survival"] <= 1 for v in pd.values()), pd
+        sheet = cv2.imread(str(tmp_path / mm["contact_sheet"]))
+        assert sheet.shape == (SHEET_HEADER_H + 3 * 64 * 2, SHEET_LABEL_W + 10 * 64 * 2, 3)  # 3 rows, 10 steps (< 16), scale 2
 
     md = (tmp_path / "report.md").read_text()
     table = [line for line in md.splitlines() if line.startswith("| model |")]
     assert table and "PSNR@8" in table[0] and "paddle@8" in table[0] and "NFE/step" in table[0] and "steps/s" in table[0]
+    assert md.count("**Fidelity at a glance**") == 2 and "| measure | | h=1 | h=4 | h=8 | h=10 |" in md and "| ball agree | two |" in md
+    assert "hold last |" in md and "![contact sheet" in md and "(one_contact.png)" in md and "Partial denoising" in md
     for row in ("| one | ", "| two | ", "| hold last frame | "):
         assert row in md, row
     for name in ("psnr.png", "ssim.png", "probe.png", "control.png", "one_rollout_00.mp4", "two_teacher_forced_00.mp4"):
@@ -67,11 +118,13 @@ def test_two_models_on_heldout_data(teacher, data, tmp_path):
     assert "| one |" in p.stdout
 
 
-def test_recorded_episodes_and_real_controllability(teacher, tmp_path):
-    run("-m", "train.evaluate", "--model", str(teacher / "model"), "--record-seeds", "0", "1", "--game", "breakout",
+@pytest.mark.parametrize("policy", ["scripted", "random"])
+def test_recorded_episodes_and_real_controllability(teacher, tmp_path, policy):
+    run("-m", "train.evaluate", "--model", str(teacher / "model"), "--record-seeds", "0", "1", "--game", "breakout", "--policy", policy,
         "--out", str(tmp_path), "--context", "2", "--horizon", "8", "--videos", "1")
     m = strict_json(tmp_path / "metrics.json")
-    assert m["source"]["kind"] == "recorded" and m["source"]["seeds"] == [0, 1] and m["episodes"] == 2
+    assert m["source"]["kind"] == "recorded" and m["source"]["seeds"] == [0, 1] and m["episodes"] == 2 and m["source"]["policy"] == policy
+    assert f"{policy} policy" in (tmp_path / "report.md").read_text()
     (mm,) = m["models"].values()
     assert finite(mm["controllability"]["real_divergence_mean"]) and finite(m["real"]["divergence_random_actions_mean"])
     assert 0 <= m["real"]["paddle_response_random_actions"] <= 1
@@ -87,12 +140,34 @@ def test_emulator_replay_is_exact():
     assert other.shape == again.shape
 
 
+def test_clip_policies_are_fixed_by_the_seed():
+    rng = np.random.default_rng(0)
+    assert isinstance(clip_policy("behaviour", "Breakout", 4, rng), MixedPolicy) and isinstance(clip_policy("scripted", "Breakout", 4, rng), BreakoutTracker)
+    assert isinstance(clip_policy("random", "Pong", 6, rng), PersistentRandom)
+    with pytest.raises(ValueError, match="--policy scripted is the Breakout tracker"):
+        clip_policy("scripted", "Pong", 6, rng)
+    with pytest.raises(ValueError, match="--policy must be one of behaviour, scripted, random"):
+        clip_policy("greedy", "Breakout", 4, rng)
+    recs = {p: record_clips("Breakout", [7], 30, size=(64, 64), frameskip=4, policy=p) for p in ("scripted", "random")}
+    for p, rec in recs.items():
+        again = record_clips("Breakout", [7], 30, size=(64, 64), frameskip=4, policy=p)
+        np.testing.assert_array_equal(again.frames, rec.frames)
+        np.testing.assert_array_equal(again.actions, rec.actions)
+        assert again.lead_ins[0].tolist() == rec.lead_ins[0].tolist()  # the warm-up is drawn from the seed alone
+    assert not np.array_equal(recs["scripted"].actions, recs["random"].actions)
+    a = recs["random"].actions[0, 1:]
+    assert (a[1:] == a[:-1]).mean() > 0.6  # persistent: repeats with probability 0.75 (+ 1/4 of fresh draws)
+
+
 def test_evaluate_models_as_a_function(teacher, data):
     clips, actions, rewards, terminated = heldout_clips(data, 1, 5, seed=1)
     assert rewards.dtype == np.float32 and terminated.dtype == bool and rewards.shape == terminated.shape == actions.shape == (1, 5)
     spec = f"{teacher / 'model'}@1"
     m = evaluate_models([spec, ModelSpec("b", teacher / "model", 2)], clips, actions, rewards, terminated, context=2)
-    assert list(m["models"]) == [spec, "b"] and m["horizons"] == [1, 3]
+    assert list(m["models"]) == [spec, "b"] and m["horizons"] == [1, 3] and m["exact_horizons"] == [1, 3]
+    hold = probe_exact_at(probe_breakout(clips[:, 2:]), probe_breakout(np.repeat(clips[:, 1:2], 3, axis=1)), [1, 3])  # the last context frame held
+    assert {h: pytest.approx(v, nan_ok=True) for h, v in hold.items()} == m["hold_last"]["probe_exact_at"]
+    assert m["models"]["b"]["contact_sheet"] is None  # no --out, no files
 
 
 def test_bad_input_is_a_clear_error(teacher, data, tmp_path, capsys):
@@ -111,6 +186,15 @@ def test_bad_input_is_a_clear_error(teacher, data, tmp_path, capsys):
     assert "no world-model folder" in err and "model/" in err  # lists what is there
     assert "distinct names" in fails("--model", model, "--model", model, "--data", str(data))
     assert fails("--model", model, "--data", str(data), "--horizon", "5000").startswith("error: no held-out episode")
+
+    def usage_error(*args: str) -> str:  # argparse's exit 2, with the usage line
+        with pytest.raises(SystemExit) as e:
+            main(["--out", str(tmp_path), "--model", model, *args])
+        assert e.value.code == 2
+        return capsys.readouterr().err
+
+    assert "--policy goes with --record-seeds" in usage_error("--data", str(data), "--policy", "random")
+    assert "--policy: invalid choice: 'greedy'" in usage_error("--record-seeds", "0", "--policy", "greedy")
     assert "error: every recorded episode ended before" in fails("--model", model, "--record-seeds", "0", "--horizon", "5000")
 
 
@@ -215,3 +299,107 @@ def test_paddle_response():
     assert paddle_response(paddle, np.array([9.0]), actions, directions) == 0.6
     assert paddle_response(paddle[:, :1] + 0.1, np.array([10.0]), actions[:, :1], directions) == 0.0  # within the dead zone
     assert math.isnan(paddle_response(paddle, np.array([9.0]), np.zeros_like(actions), directions))
+
+
+def test_probe_exact_at_reads_each_step_alone():
+    nan = np.nan
+    real = {"paddle_x": np.array([[10.0, 20.0, nan, 5.0]]), "ball_x": np.array([[1.0, nan, 3.0, nan]]), "ball_y": np.array([[1.0, nan, 4.0, nan]]),
+            "bricks_left": np.array([[108, 107, 100, 90]]), "score": np.array([[0, 4, -1, 10]])}
+    gen = {"paddle_x": np.array([[12.0, nan, 3.0, 5.5]]), "ball_x": np.array([[4.0, 2.0, nan, nan]]), "ball_y": np.array([[5.0, 2.0, nan, nan]]),
+           "bricks_left": np.array([[108, 108, 104, 90]]), "score": np.array([[1, -1, 3, 13]])}
+    # episode 2 is generated perfectly: the means at a step are over both episodes, undefined ones left out
+    two_real, two_gen = ({k: np.concatenate([real[k], real[k]]) for k in real}, {k: np.concatenate([gen[k], real[k]]) for k in real})
+    e = probe_exact_at(two_real, two_gen, [1, 3, 4])
+    assert e[1] == {"ball_agree": 1.0, "ball_dist": 2.5, "paddle_abs_err": 1.0, "bricks_abs_err": 0.0, "ball_both": 2}
+    assert e[3]["ball_agree"] == 0.5 and e[3]["ball_dist"] == 0.0 and e[3]["ball_both"] == 1 and math.isnan(e[3]["paddle_abs_err"])
+    assert e[3]["bricks_abs_err"] == 2.0  # step 3 alone; pooled over steps 2-3 it would be 1.25
+    assert e[4] == {"ball_agree": 1.0, "ball_dist": e[4]["ball_dist"], "paddle_abs_err": 0.25, "bricks_abs_err": 0.0, "ball_both": 0} and math.isnan(e[4]["ball_dist"])
+    with pytest.raises(ValueError, match="must lie in"):
+        probe_exact_at(real, gen, [5])
+    assert [exact_horizons(h) for h in (1, 3, 4, 10, 16, 40)] == [[1], [1, 3], [1, 4], [1, 4, 8, 10], [1, 4, 8, 16], [1, 4, 8, 16, 32, 40]]
+
+
+def test_probe_exact_at_on_frames(data):
+    """Real frames against copies with the ball erased and moved 4 rows down: the answer is known."""
+    clips, *_ = heldout_clips(data, 2, 100, seed=0)
+    frames = clips.reshape(-1, *clips.shape[2:])  # (2*100, 64, 64, 3)
+    p = probe_breakout(frames)
+    clear = (p["ball_y"] > 33) & (p["ball_y"] < 48) & (p["ball_x"] > 12) & (p["ball_x"] < 50)  # below the bricks, above the paddle
+    assert clear.any(), "the held-out play should show a ball in open space"
+    i = int(np.argmax(clear))
+    f, (y, x) = frames[i], (int(round(p["ball_y"][i])), int(round(p["ball_x"][i])))
+    box = (slice(y - 3, y + 4), slice(x - 3, x + 4))
+    erased = f.copy()
+    erased[box] = 0  # the black background
+    moved = erased.copy()
+    moved[y + 1:y + 8, x - 3:x + 4] = f[box]
+    real, gen = np.stack([f, f, f])[None], np.stack([f, erased, moved])[None]  # (1, 3, 64, 64, 3)
+    e = probe_exact_at(probe_breakout(real), probe_breakout(gen), [1, 2, 3])
+    assert e[1] == {"ball_agree": 1.0, "ball_dist": 0.0, "paddle_abs_err": 0.0, "bricks_abs_err": 0.0, "ball_both": 1}
+    assert e[2]["ball_agree"] == 0.0 and e[2]["ball_both"] == 0 and math.isnan(e[2]["ball_dist"]) and e[2]["bricks_abs_err"] == 0.0
+    assert e[3]["ball_agree"] == 1.0 and e[3]["ball_dist"] == pytest.approx(4.0, abs=1e-6) and e[3]["paddle_abs_err"] == 0.0
+
+
+def test_events_reproduced():
+    pred = np.array([[0, 1, 0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 1, 0, 0, 0]], dtype=bool)
+    real = np.array([[1, 0, 0, 0, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0, 1, 0]], dtype=bool)
+    # first 6 steps: real events (0, 0) (matched by the model's event at 1) and (0, 4) (nothing within 1);
+    # the model's (0, 1) is backed, (1, 4) is not (the real event at 6 is 2 steps away); (0, 6) and (1, 6) lie past step 6
+    r = events_reproduced(pred, real, tol=1, first=6)
+    assert r == {"reproduced": 0.5, "false_rate": 0.5, "real_events": 2, "model_events": 2, "false_events": 1, "steps": 12, "tol": 1}
+    late = pred.copy()
+    late[1] = np.roll(late[1], 1)  # the model's event at step 5 is backed by the real one at 6, just past the window
+    assert events_reproduced(late, real, tol=1, first=6)["false_rate"] == 0.0
+    exact = events_reproduced(pred, real, tol=0, first=6)
+    assert exact["reproduced"] == 0.0 and exact["false_rate"] == 1.0
+    assert events_reproduced(pred, real, tol=2, first=8)["reproduced"] == 1.0  # (0, 4) now 2 away from (0, 6), (1, 6) 2 from (1, 4)
+    none = events_reproduced(np.zeros((2, 3), bool), np.zeros((2, 3), bool))
+    assert math.isnan(none["reproduced"]) and math.isnan(none["false_rate"]) and none["steps"] == 6
+    with pytest.raises(ValueError, match="one shape"):
+        events_reproduced(pred, real[:, :4])
+
+
+def test_contact_sheet():
+    rng = np.random.default_rng(0)
+    real = rng.integers(0, 256, (3, 8, 10, 3), dtype=np.uint8)
+    gen = rng.integers(0, 256, (3, 8, 10, 3), dtype=np.uint8)
+    sheet = contact_sheet(real, gen, scale=2)
+    assert sheet.shape == (SHEET_HEADER_H + 3 * 8 * 2, SHEET_LABEL_W + 3 * 10 * 2, 3) and sheet.dtype == np.uint8
+
+    def cell(row: int, t: int) -> np.ndarray:  # the frame at row, step t, back at scale 1
+        y, x = SHEET_HEADER_H + row * 16, SHEET_LABEL_W + t * 20
+        return sheet[y:y + 16:2, x:x + 20:2]
+
+    np.testing.assert_array_equal(cell(0, 2), real[2])
+    np.testing.assert_array_equal(cell(1, 0), gen[0])
+    np.testing.assert_array_equal(cell(2, 1), np.abs(real[1].astype(int) - gen[1].astype(int)))
+    with pytest.raises(ValueError, match="one shape"):
+        contact_sheet(real, gen[:2])
+
+
+def test_partial_denoise(shaken, data):
+    clips, actions, rewards, terminated = heldout_clips(data, 2, 12, seed=2)
+    E, horizon = 2, 10
+    ref, _ = reference(read_config(shaken), clips, actions, rewards, terminated, 2, random_actions(E, horizon, 4, 0), None)
+    wm = load_model(ModelSpec("m", shaken), batch=E)
+    # s = 1 is a fresh sample from the real past: with the model's own levels (2 steps, shift 1, Euler) and the same
+    # seeds it is the teacher-forced prediction, step by step (the cache follows the real frames and actions)
+    assert (wm.steps, wm.sampling.shift, wm.sampling.solver) == (2, 1.0, "euler"), "the tiny model's sampling changed; update this test"
+    got = partial_denoise(wm, ref, levels=(1.0, 0.0), steps=2, seed=3)
+    tf, _, _ = teacher_forced(wm, ref.ctx_frames, ref.ctx_actions, ref.real, ref.actions, seed=3)
+    np.testing.assert_array_equal(got[1.0], tf)
+    free, *_ = rollout(wm, ref.ctx_frames, ref.ctx_actions, ref.actions, seed=3)
+    assert not np.array_equal(free[:, 2:], tf[:, 2:]), "the shaken model should depend on its context (else the parity above proves little)"
+    np.testing.assert_array_equal(got[0.0], ref.real)  # s = 0: the exact patch tokenizer's round trip
+
+    ball = partial_denoise_ball(wm, ref, levels=(1.0, 0.0), steps=2, seed=3)
+    has = ~np.isnan(ref.real_probe["ball_x"])
+    tf_probe = probe_breakout(tf)
+    assert has.sum() > 0 and ball[1.0]["n"] == ball[0.0]["n"] == has.sum()
+    assert ball[0.0]["survival"] == 1.0 and ball[0.0]["ball_dist"] == 0.0
+    assert ball[1.0]["survival"] == (~np.isnan(tf_probe["ball_x"][has])).mean()
+    assert ball[1.0]["ball_dist"] == pytest.approx(np.nanmean(probe_errors(ref.real_probe, tf_probe)["ball_dist"][has]), nan_ok=True)
+    with pytest.raises(ValueError, match="levels in"):
+        partial_denoise_ball(wm, ref, levels=(1.5,))
+    with pytest.raises(ValueError, match="batch 1"):
+        partial_denoise_ball(load_model(ModelSpec("m", shaken), batch=1), ref)

@@ -1,5 +1,5 @@
 """The real clips that `train.evaluate` holds models against: windows of held-out dataset episodes, or
-episodes recorded now from the emulator, which can then be replayed under other actions.
+episodes recorded now from the emulator under one of POLICIES, which can then be replayed under other actions.
 
 Alignment as in the dataset (docs/data_format.md): row i's action produced frame i, and its reward and
 episode end came with it.
@@ -13,12 +13,13 @@ from typing import Sequence
 import numpy as np
 
 from envs.dataset import episodes, list_shards, load_shard
-from envs.games import game_frame, make_game, preprocess_frame
-from envs.policies import make_behaviour_policy
+from envs.games import game_frame, make_game, preprocess_frame, resolve_env_id
+from envs.policies import BREAKOUT_ACTIONS, BreakoutTracker, PersistentRandom, Policy, make_behaviour_policy
 from train.collect import record_episode
 
 MAX_WARMUP = 100  # recorded clips start after 0..MAX_WARMUP steps of play
 WARMUP_STREAM, RANDOM_ACTIONS_STREAM = 1, 2  # rng streams [seed, stream], apart from the policy's (seed)
+POLICIES = ("behaviour", "scripted", "random")  # what plays the recorded clips (see clip_policy)
 
 
 def heldout_clips(data: Path, n: int, length: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -64,15 +65,31 @@ def _make_env(game: str, frameskip: int):
     return make_game(game, frameskip=frameskip, repeat_action_probability=0.0, render_mode="rgb_array")
 
 
-def record_clips(game: str, seeds: Sequence[int], length: int, *, size: tuple[int, int], frameskip: int) -> Recorded:
-    """One clip of `length` steps per seed, recorded as train.collect records (behaviour policy seeded by s,
-    no sticky actions, the same preprocessing). Episodes shorter than a clip are skipped (listed in `skipped`)."""
+def clip_policy(name: str, game: str, num_actions: int, rng: np.random.Generator) -> Policy:
+    """The policy that plays recorded clips: 'behaviour' (train.collect's mix of random and scripted play),
+    'scripted' (the ball-keeping BreakoutTracker; Breakout only) or 'random' (PersistentRandom: uniform random
+    actions that persist). All its randomness comes from rng."""
+    if name == "behaviour":
+        return make_behaviour_policy(game, num_actions, rng)
+    if name == "random":
+        return PersistentRandom(num_actions, rng)
+    if name == "scripted":
+        if resolve_env_id(game) != "ALE/Breakout-v5" or num_actions != len(BREAKOUT_ACTIONS):
+            raise ValueError(f"--policy scripted is the Breakout tracker (Breakout's {len(BREAKOUT_ACTIONS)} actions); {game} has {num_actions} actions: use behaviour or random")
+        return BreakoutTracker(rng)
+    raise ValueError(f"--policy must be one of {', '.join(POLICIES)}, got {name!r}")
+
+
+def record_clips(game: str, seeds: Sequence[int], length: int, *, size: tuple[int, int], frameskip: int, policy: str = "behaviour") -> Recorded:
+    """One clip of `length` steps per seed, recorded as train.collect records (no sticky actions, the same
+    preprocessing) under `policy` (see clip_policy) seeded by s. Episodes shorter than a clip are skipped
+    (listed in `skipped`)."""
     env = _make_env(game, frameskip)
     parts, kept, lead_ins, skipped = [], [], [], {}
     try:
         for s in seeds:
-            policy = make_behaviour_policy(game, env.action_space.n, np.random.default_rng(s))
-            ep = record_episode(env, policy, env_seed=int(s), size=size, max_episode_steps=MAX_WARMUP + length - 1, episode_id=int(s))
+            player = clip_policy(policy, game, env.action_space.n, np.random.default_rng(s))
+            ep = record_episode(env, player, env_seed=int(s), size=size, max_episode_steps=MAX_WARMUP + length - 1, episode_id=int(s))
             rows = len(ep["frames"])
             if rows < length:
                 skipped[int(s)] = rows

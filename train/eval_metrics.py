@@ -153,3 +153,61 @@ def paddle_response(paddle_x: np.ndarray, start: np.ndarray, actions: np.ndarray
         return float("nan")
     ok = np.where(np.isnan(move), False, np.sign(np.where(np.abs(move) > PADDLE_DEAD_ZONE, move, 0.0)) == want)
     return float(ok[asked].mean())
+
+
+def exact_horizons(horizon: int) -> list[int]:
+    """The steps the at-a-glance figures are read at: 1, 4, 8, 16, 32, ... (doubling) up to `horizon`, and
+    `horizon` itself."""
+    if horizon < 1:
+        raise ValueError(f"horizon must be >= 1, got {horizon}")
+    hs, h = [1], 4
+    while h <= horizon:
+        hs.append(h)
+        h *= 2
+    return hs if hs[-1] == horizon else [*hs, horizon]
+
+
+GLANCE_KEYS = ("ball_agree", "ball_dist", "paddle_abs_err", "bricks_abs_err")
+
+
+def probe_exact_at(real: dict[str, np.ndarray], gen: dict[str, np.ndarray], horizons: Sequence[int]) -> dict[int, dict[str, float]]:
+    """Probe disagreement (see probe_errors) at exactly step h of each horizon, not pooled over a bucket: the
+    mean over episodes of ball_agree, ball_dist, paddle_abs_err and bricks_abs_err at step h (NaN where
+    undefined in every episode), and ball_both, the episodes where both frames show a ball (ball_dist's count)."""
+    H = real["ball_x"].shape[1]
+    if not all(1 <= h <= H for h in horizons):
+        raise ValueError(f"horizons {list(horizons)} must lie in [1, {H}] (the steps of the readings)")
+    e = probe_errors(real, gen)
+    both = ~np.isnan(e["ball_dist"])  # (E, H)
+    return {h: {**{k: float(nanmean(e[k][:, h - 1])) for k in GLANCE_KEYS}, "ball_both": int(both[:, h - 1].sum())} for h in horizons}
+
+
+def near(events: np.ndarray, tol: int) -> np.ndarray:
+    """(E, H) bool: an event within `tol` steps of each step (the events dilated along the step axis)."""
+    out = events.copy()
+    for d in range(1, tol + 1):
+        out[:, d:] |= events[:, :-d]
+        out[:, :-d] |= events[:, d:]
+    return out
+
+
+def events_reproduced(pred: np.ndarray, real: np.ndarray, tol: int = 1, first: int = 16) -> dict[str, float]:
+    """Events (E, H) bool of a free rollout against the real ones, in the first `first` steps of each clip:
+    reproduced = the fraction of real events with a predicted event within +-tol steps; false_rate = the
+    fraction of predicted events with no real event within +-tol. Matches may fall up to `tol` steps past
+    `first`. NaN when there is nothing to count; the counts come along."""
+    pred, real = np.asarray(pred, dtype=bool), np.asarray(real, dtype=bool)
+    if pred.shape != real.shape or pred.ndim != 2:
+        raise ValueError(f"predicted and real events must be (episodes, steps) of one shape, got {pred.shape} and {real.shape}")
+    if tol < 0 or first < 1:
+        raise ValueError(f"tol must be >= 0 and first >= 1, got tol={tol}, first={first}")
+    n = min(first, pred.shape[1])
+    window = slice(0, min(n + tol, pred.shape[1]))
+    hit, backed = near(pred[:, window], tol)[:, :n], near(real[:, window], tol)[:, :n]
+    r, p = real[:, :n], pred[:, :n]
+    return {
+        "reproduced": float(hit[r].mean()) if r.any() else float("nan"),
+        "false_rate": float((~backed[p]).mean()) if p.any() else float("nan"),
+        "real_events": int(r.sum()), "model_events": int(p.sum()), "false_events": int((~backed[p]).sum()),
+        "steps": int(r.size), "tol": tol,
+    }

@@ -1,4 +1,4 @@
-"""What `train.evaluate` writes besides metrics.json: report.md (tables), plots against horizon, videos."""
+"""What `train.evaluate` writes besides metrics.json: report.md (tables), plots against horizon, videos, contact sheets."""
 from __future__ import annotations
 
 import math
@@ -11,6 +11,10 @@ import numpy as np
 TABLE_HORIZONS = (1, 8, 32, 128)  # the comparison table's columns
 PROBE_PLOTS = (("paddle_abs_err", "paddle |dx| (px)"), ("ball_agree", "ball seen/unseen agreement"),
                ("ball_dist", "ball distance (px)"), ("bricks_abs_err", "bricks-left |d|"), ("score_abs_err", "score |d|"))
+GLANCE_ROWS = (("ball agree", "ball_agree", True), ("ball dist (px)", "ball_dist", False), ("paddle abs err (px)", "paddle_abs_err", False),
+               ("bricks-left abs err", "bricks_abs_err", False))  # the at-a-glance table: label, probe_exact_at key, as a percentage
+SHEET_LABEL_W, SHEET_HEADER_H = 56, 16  # contact sheet: the row-label column and the step-number strip, px
+SHEET_ROWS = ("real", "model", "|diff|")
 
 
 def slug(name: str) -> str:
@@ -33,6 +37,33 @@ def side_by_side_video(path: Path, real: np.ndarray, gen: np.ndarray, fps: int =
     vw.release()
 
 
+def contact_sheet(real: np.ndarray, gen: np.ndarray, scale: int = 2) -> np.ndarray:
+    """One image (SHEET_HEADER_H + 3 H scale, SHEET_LABEL_W + T W scale, 3) uint8 of T steps (T, H, W, 3) uint8:
+    rows real / generated / |difference|, one column per step (frames scaled up nearest-neighbour), the
+    rows labelled on the left and the steps (1..T) numbered on top."""
+    if real.shape != gen.shape or real.ndim != 4 or real.shape[-1] != 3:
+        raise ValueError(f"a contact sheet needs real and generated frames (T, H, W, 3) of one shape, got {real.shape} and {gen.shape}")
+    T, H, W, _ = real.shape
+    diff = np.abs(real.astype(np.int16) - gen.astype(np.int16)).astype(np.uint8)
+    rows = np.stack([real, gen, diff])  # (3, T, H, W, 3)
+    grid = rows.transpose(0, 2, 1, 3, 4).reshape(3 * H, T * W, 3)  # (3 H, T W, 3): row r, column t
+    grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)  # (3 H s, T W s, 3)
+    sheet = np.full((SHEET_HEADER_H + grid.shape[0], SHEET_LABEL_W + grid.shape[1], 3), 255, dtype=np.uint8)
+    sheet[SHEET_HEADER_H:, SHEET_LABEL_W:] = grid
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    for r, label in enumerate(SHEET_ROWS):
+        cv2.putText(sheet, label, (2, SHEET_HEADER_H + r * H * scale + H * scale // 2 + 4), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    for t in range(T):
+        cv2.putText(sheet, str(t + 1), (SHEET_LABEL_W + t * W * scale + 2, SHEET_HEADER_H - 4), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    return sheet
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    """An RGB image (H, W, 3) uint8 as a PNG."""
+    if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
+        raise RuntimeError(f"OpenCV could not write {path}")
+
+
 def _f(v, digits: int = 2, pct: bool = False) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
@@ -49,7 +80,7 @@ def report(m: dict) -> str:
     src = m["source"]
     hs = [h for h in TABLE_HORIZONS if h <= m["horizon"]]
     has_probe = m["probe"] is not None
-    where = f"held-out episodes of `{src['data']}`" if src["kind"] == "heldout" else f"episodes recorded from {src['game']} (seeds {src['seeds']}" + (f"; skipped, ended too soon: {src['skipped_seeds']}" if src.get("skipped_seeds") else "") + ")"
+    where = f"held-out episodes of `{src['data']}`" if src["kind"] == "heldout" else f"episodes recorded from {src['game']} ({src.get('policy', 'behaviour')} policy, seeds {src['seeds']}" + (f"; skipped, ended too soon: {src['skipped_seeds']}" if src.get("skipped_seeds") else "") + ")"
     lines = [
         f"# Evaluation: {', '.join(f'`{n}`' for n in m['models'])}",
         "",
@@ -82,16 +113,43 @@ def report(m: dict) -> str:
               f"real frames under random vs recorded actions differ by {_f(real['divergence_random_actions_mean'])} "
               "(mean |pixel difference|, 0-255; '-' without the emulator).", ""]
     for name, mm in m["models"].items():
-        lines += _model_details(name, mm, hold, has_probe)
+        lines += _model_details(name, mm, hold, has_probe, m["glance_steps"])
     lines += [f"Speed on {m['device']} ({m['threads']} threads): single world, median step after warm-up, decoder included.", ""]
     return "\n".join(lines)
 
 
-def _model_details(name: str, mm: dict, hold: dict, has_probe: bool) -> list[str]:
+def _glance(name: str, mm: dict, hold: dict, has_probe: bool, first: int) -> list[str]:
+    """Fidelity at a glance: the probe at exact steps against hold-last, reward events and partial denoising
+    over the first steps, and the contact sheet."""
+    lines = [f"**Fidelity at a glance** (free rollout under the real actions from real context; step h exactly, mean over episodes; "
+             "hold last = the last context frame held; ball dist where both show a ball):", ""]
+    if has_probe:
+        hs = list(mm["probe_exact_at"])
+        lines += ["| measure | | " + " | ".join(f"h={h}" for h in hs) + " |", "|" + "---|" * (len(hs) + 2)]
+        for label, key, pct in GLANCE_ROWS:
+            for who, d in ((name, mm["probe_exact_at"]), ("hold last", hold["probe_exact_at"])):
+                lines.append(f"| {label if who == name else ''} | {who} | " + " | ".join(_f(_at(d, h)[key], pct=pct) for h in hs) + " |")
+        lines.append("")
+    r = mm["reward_events_rollout"]
+    lines.append(f"- Reward events in the first {first} steps: the model's reward head fires within +-{r['tol']} step of "
+                 f"{_f(r['reproduced'], pct=True)} of the {r['real_events']} real events; {_f(r['false_rate'], pct=True)} of its "
+                 f"{r['model_events']} events have no real event that near.")
+    if mm.get("partial_denoise_ball"):
+        cells = [f"s={float(s):g}: {_f(v['survival'], pct=True)} (dist {_f(v['ball_dist'])} px)" for s, v in mm["partial_denoise_ball"].items()]
+        n = next(iter(mm["partial_denoise_ball"].values()))["n"]
+        lines.append(f"- Partial denoising (the real next frame noised to level s, denoised by the model): the ball survives in {'; '.join(cells)}; "
+                     f"{n} cases with a real ball in the first {first} steps.")
+    if mm.get("contact_sheet"):
+        lines += ["", f"![contact sheet: real / model / |difference|, steps 1-{first} of clip 0]({mm['contact_sheet']})"]
+    return [*lines, ""]
+
+
+def _model_details(name: str, mm: dict, hold: dict, has_probe: bool, first: int) -> list[str]:
     c = mm["controllability"]
     lines = [
         f"## {name}",
         "",
+        *_glance(name, mm, hold, has_probe, first),
         f"`{mm['path']}`: denoising steps {mm['denoising_steps']} ({mm['solver']}), guidance {mm['guidance']}, "
         f"{mm['nfe_per_step']} network evaluations per step; single world {_f(mm['single_world_steps_per_s'], 1)} steps/s "
         f"({_f(mm['single_world_step_ms_median'], 1)} ms), all episodes batched {_f(mm['batched_steps_per_s'], 1)} steps/s.",

@@ -2,15 +2,18 @@
 
     python -m train.evaluate --model teacher=assets/breakout@8 --model student=~/runs/student/model@1 \\
         --data DATA --out EVAL_DIR [--episodes 8] [--context 4] [--horizon 128]
-    python -m train.evaluate --model assets/breakout --record-seeds 0 1 2 3 --out EVAL_DIR
+    python -m train.evaluate --model assets/breakout --record-seeds 0 1 2 3 [--policy scripted] --out EVAL_DIR
 
 Models: `--model SPEC`, repeatable; SPEC is PATH, PATH@STEPS or NAME=PATH@STEPS (STEPS overrides the model's
 denoising steps; NAME labels it in the tables, default the SPEC itself), optionally ending in #DTYPE
 (bfloat16 or float16; float32 by default) to evaluate the model in that precision. Clips: `--episodes` held-out
 episodes of a dataset (`--data`; a random window of each), or episodes recorded now from the real emulator
-(`--record-seeds`, game from the models or `--game`): the behaviour policy of train.collect with seed s plays
-from `env.reset(seed=s)`, frames preprocessed as in the dataset, and the clip starts after a warm-up of
-0-100 steps drawn from s. Each clip is `--context` real frames, then `--horizon` steps under its real actions.
+(`--record-seeds`, game from the models or `--game`): a policy seeded by s plays from `env.reset(seed=s)`,
+frames preprocessed as in the dataset, and the clip starts after a warm-up of 0-100 steps drawn from s.
+`--policy` picks it: behaviour (the default, train.collect's mix of random and scripted play), scripted (the
+ball-keeping BreakoutTracker, Breakout only) or random (PersistentRandom: random actions that persist); a
+clip is fixed by its seed and policy. Each clip is `--context` real frames, then `--horizon` steps under its
+real actions.
 
 Every model starts from the same contexts with the same noise seed (world b of the batch: seed + b), so what
 differs between models, and between a model's rollouts under two action sequences, comes from the model
@@ -24,10 +27,20 @@ and the actions. Per model:
   the generated frame at each step; errors pooled over the steps of each horizon bucket (1, 2-8, 9-16, ...):
   paddle |dx| (64-px columns, where both show a paddle), ball agreement (both or neither show a ball) and
   distance (where both do), |bricks left| difference, |score| difference (where both are readable);
+- fidelity at a glance (`probe_exact_at`): the same probe's ball agreement, ball distance, paddle |dx| and
+  |bricks left| difference at exactly step h, for h in 1, 4, 8, 16, 32, ... and the horizon (not pooled),
+  beside the same for the held last context frame (`hold_last.probe_exact_at`);
 - reward and episode end from the model's heads: after each generated step `wm.reward` (nonzero = a reward
   event) and `wm.end_prob` (> 0.5 = an episode end) against the real rewards / terminations of that step:
   precision, recall, accuracy (ends are rare: read recall and the counts). Also after each teacher-forced
-  step (the heads then see the real frame);
+  step (the heads then see the real frame). Reward events reproduced (`reward_events_rollout`): of the real
+  events in the first 16 steps of each clip, the fraction the rollout's head also fires for within +-1
+  step, and the fraction of the head's events with no real event that near;
+- partial denoising (`partial_denoise_ball`, games with a probe): at each of the first 16 steps, from the
+  cache after the real past, the real next frame's latent is noised to level s (1, 0.4, 0.2) and denoised
+  back to 0 by the model (8 Euler steps, its guidance); of the cases whose real frame shows a ball, the
+  fraction where the probe still finds one ('survival') and its distance to the real one (low s: does the
+  model keep a ball it is given; s = 1: a fresh sample);
 - controllability: from the same context and noise, roll out under the real actions and under uniform
   random actions (the same random sequence for every model). (a) Divergence: mean |pixel difference|
   (0-255) between the two generated rollouts, next to the same between the real frames and the real
@@ -39,14 +52,17 @@ and the actions. Per model:
   steps/s (median step after 8 warm-up steps, decoder included); the tokenizer's reconstruction PSNR is
   the ceiling of any model on it.
 
-Writes to EVAL_DIR: metrics.json (everything; null = undefined), report.md (a comparison table and per-model
-tables), psnr.png, ssim.png, probe.png, control.png (against horizon, one line per model plus hold-last /
-the real game), {model}_rollout_{k}.mp4 and {model}_teacher_forced_{k}.mp4 (real | generated | difference),
-rollouts.npz. Models with more than one frame per chunk are not supported here.
+Writes to EVAL_DIR: metrics.json (everything; null = undefined), report.md (a comparison table, then per model
+the at-a-glance table and the detailed ones), psnr.png, ssim.png, probe.png, control.png (against horizon,
+one line per model plus hold-last / the real game), {model}_contact.png (clip 0, rows real / generated /
+|difference|, columns steps 1-16 of the rollout), {model}_rollout_{k}.mp4 and
+{model}_teacher_forced_{k}.mp4 (real | generated | difference), rollouts.npz. Models with more than one
+frame per chunk are not supported here.
 
 The pieces are importable: `evaluate_models(specs, clips, actions, rewards, terminated, context=...)` (and per
-model `evaluate_model`), the clips in train.eval_clips (`heldout_clips`, `record_clips`, `replay_emulator`), the
-measures in train.eval_metrics (`psnr_of`, `mse`, `ssim`, ...), `report` and the plots in train.eval_report.
+model `evaluate_model`, and `partial_denoise_ball(wm, ref)` on a `reference`), the clips in train.eval_clips
+(`heldout_clips`, `record_clips`, `replay_emulator`), the measures in train.eval_metrics (`psnr_of`, `mse`, `ssim`,
+`probe_exact_at`, `events_reproduced`, ...), `report`, the plots and `contact_sheet` in train.eval_report.
 """
 from __future__ import annotations
 
@@ -65,18 +81,24 @@ from envs.dataset import read_meta
 from envs.games import resolve_env_id
 from envs.probe import probe_for
 from train.common import write_json
-from train.eval_clips import heldout_clips, random_actions, record_clips, replay_emulator
-from train.eval_metrics import (action_directions, mean_abs_diff, mse, paddle_response, pooled, probe_errors, psnr_of,
-                                reward_scores, ssim, termination_scores)
-from train.eval_report import plot_curves, report, side_by_side_video, slug
+from train.eval_clips import POLICIES, heldout_clips, random_actions, record_clips, replay_emulator
+from train.eval_metrics import (action_directions, events_reproduced, exact_horizons, mean_abs_diff, mse, nanmean, paddle_response,
+                                pooled, probe_errors, probe_exact_at, psnr_of, reward_scores, ssim, termination_scores)
+from train.eval_report import contact_sheet, plot_curves, report, side_by_side_video, slug, write_png
 from worldmodel.checkpoint import CheckpointError, read_config
+from worldmodel.flow import add_noise
 from worldmodel.runtime import DTYPES, WorldModel
+from worldmodel.sampler import denoise, randn_worlds
 
 __all__ = ["HORIZONS", "ModelSpec", "parse_spec", "heldout_clips", "record_clips", "replay_emulator", "random_actions", "Reference",
-           "reference", "evaluate_model", "evaluate_models", "report", "mse", "psnr_of", "ssim", "side_by_side_video", "main"]
+           "reference", "partial_denoise", "partial_denoise_ball", "evaluate_model", "evaluate_models", "report", "mse", "psnr_of", "ssim",
+           "side_by_side_video", "main"]
 
 HORIZONS = (1, 8, 16, 32, 64, 128, 256)
 SPEED_STEPS, SPEED_WARMUP = 48, 8
+GLANCE_STEPS = 16  # the first steps of each clip that reward events, partial denoising and the contact sheet look at
+EVENT_TOL = 1  # steps a model's reward event may be off the real one and still reproduce it
+PARTIAL_LEVELS, PARTIAL_STEPS = (1.0, 0.4, 0.2), 8  # partial denoising: noise levels of the real next frame, Euler steps back to 0
 
 
 # ----- models -----
@@ -166,6 +188,55 @@ def teacher_forced(wm: WorldModel, ctx_f: np.ndarray, ctx_a: np.ndarray, real: n
     return frames, reward, end
 
 
+@torch.no_grad()
+def partial_denoise(wm: WorldModel, ref: Reference, levels: Sequence[float] = PARTIAL_LEVELS, steps: int = PARTIAL_STEPS,
+                    seed: int = 0) -> dict[float, np.ndarray]:
+    """At each of the first GLANCE_STEPS steps, from the cache after the real past (as `teacher_forced`): the real
+    next frame encoded, noised to level s (x_s = (1 - s) x0 + s eps, the same eps for every s; world b's noise
+    seeded seed + b), denoised back to 0 in `steps` Euler steps under its real action (the model's guidance) and
+    decoded: {s: frames (E, n, H, W, 3) uint8}. s = 1 is a fresh sample; s = 0 the tokenizer's round trip."""
+    E, horizon = ref.actions.shape
+    if wm.batch != E or wm.frames_per_chunk != 1:
+        raise ValueError(f"partial denoising needs a one-frame-per-chunk model for the {E} clips, got batch {wm.batch}, {wm.frames_per_chunk} frames per chunk")
+    if steps < 1 or not levels or not all(0 <= s <= 1 for s in levels):
+        raise ValueError(f"partial denoising needs steps >= 1 and levels in [0, 1], got steps={steps}, levels={list(levels)}")
+    n = min(GLANCE_STEPS, horizon)
+    gens = [torch.Generator(device=wm.device).manual_seed(seed + b) for b in range(E)]
+    got = {float(s): np.zeros((E, n, *ref.real.shape[2:]), dtype=np.uint8) for s in levels}  # (E, n, H, W, 3) per level
+    wm.reset(ref.ctx_frames, ref.ctx_actions, seed=seed)
+    for i in range(n):
+        x0 = wm.tokenizer.encode(torch.from_numpy(ref.real[:, i]).to(wm.device)).float()[:, None]  # (E, 1, C, h, w)
+        eps = randn_worlds(tuple(x0.shape), gens, wm.device)
+        a = torch.from_numpy(ref.actions[:, i:i + 1]).to(wm.device)  # (E, 1)
+        for s in got:
+            x_s = add_noise(x0, eps, torch.full((E, 1), s, device=wm.device)).to(wm.dtype)
+            x = denoise(wm.dit, wm.cache, a, x_s, np.linspace(s, 0.0, steps + 1).tolist(), wm.guidance, "euler")
+            got[s][:, i] = wm.tokenizer.decode(x[:, 0].float()).cpu().numpy()
+        wm.observe(ref.real[:, i:i + 1], ref.actions[:, i:i + 1])
+    return got
+
+
+def partial_denoise_ball(wm: WorldModel, ref: Reference, levels: Sequence[float] = PARTIAL_LEVELS, steps: int = PARTIAL_STEPS,
+                         seed: int = 0) -> dict[float, dict[str, float]]:
+    """Does the model keep a ball it is given? `partial_denoise`, then over the cases whose real frame shows a
+    ball: {s: {'survival': the fraction where the probe still finds one, 'ball_dist': its mean distance (px)
+    to the real ball, 'n': the cases}}."""
+    if ref.probe is None:
+        raise ValueError("partial_denoise_ball reads the ball with the game's state probe; this game has none")
+    got = partial_denoise(wm, ref, levels, steps, seed)
+    n = next(iter(got.values())).shape[1]
+    real = {k: v[:, :n] for k, v in ref.real_probe.items()}
+    has_ball = ~np.isnan(real["ball_x"])  # (E, n)
+    out = {}
+    for s, frames in got.items():
+        gen = ref.probe(frames)
+        found = ~np.isnan(gen["ball_x"])
+        dist = probe_errors(real, gen)["ball_dist"]  # NaN unless both show a ball
+        out[s] = {"survival": float(found[has_ball].mean()) if has_ball.any() else math.nan,
+                  "ball_dist": float(nanmean(dist[has_ball])), "n": int(has_ball.sum())}
+    return out
+
+
 def single_world_speed(spec: ModelSpec, ctx_f: np.ndarray, ctx_a: np.ndarray, actions: np.ndarray, seed: int) -> float:
     """Median ms per step of one world (decoder included), after warm-up steps."""
     one = load_model(spec, batch=1)
@@ -202,6 +273,7 @@ class Reference:
     probe: Callable[[np.ndarray], dict[str, np.ndarray]] | None
     real_probe: dict[str, np.ndarray] | None  # the probe on `real`, {key: (E, horizon)}
     start_paddle: np.ndarray | None  # (E,): the probe's paddle on the last context frame
+    exact_horizons: list[int]  # the steps of probe_exact_at: 1, 4, 8, 16, ... and the horizon
 
 
 def reference(info: dict, clips: np.ndarray, actions: np.ndarray, rewards: np.ndarray, terminated: np.ndarray, context: int,
@@ -214,11 +286,12 @@ def reference(info: dict, clips: np.ndarray, actions: np.ndarray, rewards: np.nd
     horizons = [h for h in HORIZONS if h <= horizon] + ([horizon] if horizon not in HORIZONS else [])
     probe = probe_for(info["game"])
     real_probe = probe(real) if probe else None
-    start = probe(ctx_f[:, -1])["paddle_x"] if probe else None
+    hold = np.repeat(ctx_f[:, -1:], horizon, axis=1)  # (E, horizon, H, W, 3)
+    hold_probe = probe(hold) if probe else None
+    start = hold_probe["paddle_x"][:, 0] if probe else None
     ref = Reference(ctx_f, actions[:, :context], real, fut_a, rewards[:, context:], terminated[:, context:], rand_actions, horizons,
-                    mse(np.repeat(ctx_f[:, -1:], horizon, axis=1), real), action_directions(info["action_meanings"]), probe, real_probe, start)
+                    mse(hold, real), action_directions(info["action_meanings"]), probe, real_probe, start, exact_horizons(horizon))
 
-    hold = np.repeat(ctx_f[:, -1:], horizon, axis=1)
     hold_ssim = ssim(hold, real)
     prev = np.concatenate([ctx_f[:, -1:], real[:, :-1]], axis=1)
     real_divergence = mean_abs_diff(real_random, real) if real_random is not None else np.full((E, horizon), np.nan)
@@ -227,7 +300,8 @@ def reference(info: dict, clips: np.ndarray, actions: np.ndarray, rewards: np.nd
         "hold_last": {
             "at": {h: {"psnr": psnr_of(ref.hold_mse[:, h - 1]), "ssim": float(hold_ssim[:, h - 1].mean())} for h in horizons},
             "psnr_per_step": [psnr_of(ref.hold_mse[:, i]) for i in range(horizon)], "ssim_per_step": hold_ssim.mean(0).tolist(),
-            "probe_at": pooled(probe_errors(real_probe, probe(hold)), horizons) if probe else None,
+            "probe_at": pooled(probe_errors(real_probe, hold_probe), horizons) if probe else None,
+            "probe_exact_at": probe_exact_at(real_probe, hold_probe, ref.exact_horizons) if probe else None,
         },
         "real": {
             "paddle_response_real_actions": paddle_response(real_probe["paddle_x"], start, fut_a, ref.directions) if probe else math.nan,
@@ -255,10 +329,12 @@ def evaluate_model(spec: ModelSpec, ref: Reference, real_game: dict, seed: int) 
     ms = single_world_speed(spec, ref.ctx_frames[0], ref.ctx_actions[0], ref.actions[0], seed)
     gen_mse, gen_ssim, divergence = mse(gen, ref.real), ssim(gen, ref.real), mean_abs_diff(rand_gen, gen)
     response = {"paddle_response_real_actions": math.nan, "paddle_response_random_actions": math.nan}
-    probe_at = None
+    probe_at = probe_exact = partial = None
     if ref.probe:
         gen_probe = ref.probe(gen)
         probe_at = pooled(probe_errors(ref.real_probe, gen_probe), hs)
+        probe_exact = probe_exact_at(ref.real_probe, gen_probe, ref.exact_horizons)
+        partial = partial_denoise_ball(wm, ref, seed=seed)
         response = {"paddle_response_real_actions": paddle_response(gen_probe["paddle_x"], ref.start_paddle, ref.actions, ref.directions),
                     "paddle_response_random_actions": paddle_response(ref.probe(rand_gen)["paddle_x"], ref.start_paddle, ref.rand_actions, ref.directions)}
     m = {
@@ -270,8 +346,9 @@ def evaluate_model(spec: ModelSpec, ref: Reference, real_game: dict, seed: int) 
         "rollout_psnr_at": {h: {"rollout_psnr": psnr_of(gen_mse[:, h - 1]), "hold_last_psnr": psnr_of(ref.hold_mse[:, h - 1])} for h in hs},
         "rollout_ssim_at": per_horizon(gen_ssim, hs),
         "psnr_per_step": [psnr_of(gen_mse[:, i]) for i in range(horizon)], "ssim_per_step": gen_ssim.mean(0).tolist(),
-        "probe_at": probe_at,
+        "probe_at": probe_at, "probe_exact_at": probe_exact, "partial_denoise_ball": partial,
         "reward_rollout": reward_scores(gen_r, ref.rewards), "reward_teacher_forced": reward_scores(tf_r, ref.rewards),
+        "reward_events_rollout": events_reproduced(gen_r != 0, ref.rewards != 0, tol=EVENT_TOL, first=GLANCE_STEPS),
         "termination_rollout": termination_scores(gen_e, ref.terminated), "termination_teacher_forced": termination_scores(tf_e, ref.terminated),
         "controllability": {
             "divergence_mean": float(divergence.mean()), "divergence_per_step": divergence.mean(0).tolist(), "divergence_at": per_horizon(divergence, hs),
@@ -309,7 +386,8 @@ def evaluate_models(specs: Sequence[ModelSpec | str], clips: np.ndarray, actions
         raise ValueError(f"random actions {rand_actions.shape} (and their real frames) must cover the {E} x {horizon} steps after the context")
     ref, base = reference(info, clips, actions, rewards, terminated, context, rand_actions, real_random)
     metrics: dict = {"source": source or {"kind": "arrays"}, "episodes": E, "context_frames": context, "horizon": horizon,
-                     "horizons": ref.horizons, "seed": seed, "probe": info["game"] if ref.probe else None, **base, "models": {}}
+                     "horizons": ref.horizons, "exact_horizons": ref.exact_horizons, "glance_steps": min(GLANCE_STEPS, horizon), "seed": seed,
+                     "probe": info["game"] if ref.probe else None, **base, "models": {}}
     arrays = {"real": ref.real, "actions": ref.actions, "random_actions": rand_actions, "model_names": np.array([s.name for s in specs])}
     if real_random is not None:
         arrays["real_random"] = real_random
@@ -319,6 +397,9 @@ def evaluate_models(specs: Sequence[ModelSpec | str], clips: np.ndarray, actions
         m, frames = evaluate_model(spec, ref, base["real"], seed)
         metrics["models"][spec.name] = m
         arrays.update({f"{key}_{k}": v for key, v in frames.items()})
+        m["contact_sheet"] = f"{slug(spec.name)}_contact.png" if out is not None else None
+        if out is not None:  # clip 0, the first GLANCE_STEPS steps
+            write_png(out / m["contact_sheet"], contact_sheet(ref.real[0, :GLANCE_STEPS], frames["rollout"][0, :GLANCE_STEPS]))
         for e in range(min(videos, E) if out is not None else 0):
             side_by_side_video(out / f"{slug(spec.name)}_rollout_{e:02d}.mp4", ref.real[e], frames["rollout"][e])
             side_by_side_video(out / f"{slug(spec.name)}_teacher_forced_{e:02d}.mp4", ref.real[e], frames["teacher_forced"][e])
@@ -352,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--data", help="dataset folder: clips from its held-out split")
     src.add_argument("--record-seeds", type=int, nargs="+", metavar="SEED", help="record one episode per seed from the real emulator")
     p.add_argument("--game", default=None, help="with --record-seeds: the game (default: the models')")
+    p.add_argument("--policy", choices=POLICIES, default=None, help="with --record-seeds: who plays the clips (default behaviour: "
+                   "train.collect's mix; scripted: the ball-keeping Breakout tracker; random: persistent random actions)")
     p.add_argument("--out", required=True)
     p.add_argument("--episodes", type=int, default=8, help="with --data: clips (one per held-out episode)")
     p.add_argument("--context", type=int, default=4, help="real frames the models start from")
@@ -366,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--steps must be >= 1")
     if args.game is not None and args.data is not None:
         p.error("--game goes with --record-seeds (a dataset names its game)")
+    if args.policy is not None and args.data is not None:
+        p.error("--policy goes with --record-seeds (a dataset was played by its own policy)")
     try:
         specs = [parse_spec(s) for s in args.model]
         specs = [ModelSpec(s.name, s.path, s.steps if s.steps is not None else args.steps, s.dtype) for s in specs]
@@ -382,11 +467,12 @@ def main(argv: list[str] | None = None) -> int:
             if resolve_env_id(game) != resolve_env_id(info["game"]):
                 raise ValueError(f"--game {game} is not the models' game {info['game']}")
             size, frameskip = tuple(info["frame_size"]), int(info.get("frameskip", 4))
-            rec = record_clips(game, args.record_seeds, length, size=size, frameskip=frameskip)
+            policy = args.policy or "behaviour"
+            rec = record_clips(game, args.record_seeds, length, size=size, frameskip=frameskip, policy=policy)
             clips, actions, rewards, terminated = rec.frames, rec.actions, rec.rewards, rec.terminated
             rand = random_actions(len(clips), args.horizon, len(info["action_meanings"]), args.seed)
             real_random = replay_emulator(game, rec, args.context, rand, size=size, frameskip=frameskip)
-            source = {"kind": "recorded", "game": game, "seeds": rec.seeds, "skipped_seeds": rec.skipped, "frameskip": frameskip}
+            source = {"kind": "recorded", "game": game, "policy": policy, "seeds": rec.seeds, "skipped_seeds": rec.skipped, "frameskip": frameskip}
         m = evaluate_models(specs, clips, actions, rewards, terminated, context=args.context, seed=args.seed, rand_actions=rand,
                             real_random=real_random, source=source, out=Path(args.out), videos=args.videos)
     except (FileNotFoundError, ValueError, CheckpointError) as e:

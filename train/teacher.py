@@ -60,6 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--action-drop", type=float, default=0.1, help="probability of dropping a noisy frame's action (for guidance)")
     p.add_argument("--ctx-noise", type=float, default=0.1, help="max noise level on the clean context")
     p.add_argument("--head-weight", type=float, default=0.1, help="weight of the reward/end head losses")
+    p.add_argument("--prev-frame", action="store_true", help="concatenate each frame's previous frame to its input tokens (pixel-aligned conditioning)")
+    p.add_argument("--delta", action="store_true", help="the network sees and predicts the change from the previous frame")
+    p.add_argument("--patch-size", type=int, default=None, help="DiT patch size over the latent grid (default: the preset's); 1 gives the finest tokens")
+    p.add_argument("--change-weight", type=float, default=0.0, help="extra flow-loss weight of latent elements that change from the previous frame (0: plain MSE)")
+    p.add_argument("--change-threshold", type=float, default=0.05, help="an element changes when it moves by more than this (normalised latent units)")
+    p.add_argument("--level-mean", type=float, default=0.0, help="mean of the logit-normal training noise levels; > 0 shifts training toward high noise")
+    p.add_argument("--max-minutes", type=float, default=None, help="wall-time budget (all resumed parts): stop and export when it is spent; the schedule then follows whichever of --steps and this runs out first")
     p.add_argument("--sample-steps", type=int, default=8, help="denoising steps the exported model samples with")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=50)
@@ -74,6 +81,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--sink-chunks must be >= 0")
     if not 0 <= args.action_drop < 1 or not 0 <= args.ctx_noise < 1:
         p.error("--action-drop and --ctx-noise must lie in [0, 1)")
+    if args.patch_size is not None and args.patch_size <= 0:
+        p.error("--patch-size must be positive")
+    if not (math.isfinite(args.change_weight) and args.change_weight >= 0) or not (math.isfinite(args.change_threshold) and args.change_threshold > 0):
+        p.error("--change-weight must be >= 0 and --change-threshold > 0 (finite)")
+    if not math.isfinite(args.level_mean):
+        p.error("--level-mean must be finite")
+    if args.max_minutes is not None and not (math.isfinite(args.max_minutes) and args.max_minutes > 0):
+        p.error("--max-minutes must be positive")
     return args
 
 
@@ -104,6 +119,29 @@ def batches(paths: list[Path], args: argparse.Namespace, rank: int, world: int, 
         yield {k: torch.from_numpy(np.stack([w[k] for w in ws])) for k in LATENT_KEYS[:4]}
 
 
+def changed(x0: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Latent elements of a window x0 (B, T, C, h, w) that differ from the frame before by more than
+    `threshold` (False for the first frame, which has none), (B, T, C, h, w) bool. In Breakout these are the
+    ball, the paddle's edges, a broken brick and the score: a fraction of a percent of the frame."""
+    moved = (x0[:, 1:] - x0[:, :-1]).abs() > threshold  # (B, T-1, C, h, w)
+    return torch.cat([torch.zeros_like(moved[:, :1]), moved], dim=1)
+
+
+def flow_loss(v: torch.Tensor, target: torch.Tensor, x0: torch.Tensor, change_weight: float, threshold: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Flow-matching MSE, weighted 1 + change_weight on the elements that change between frames (normalised
+    by the total weight). Plain MSE leaves the small moving objects a tiny share of the gradient; the weight
+    buys it back. Also returns the plain MSE and the weight's share on changed elements (for the logs)."""
+    se = (v.float() - target).pow(2)
+    plain = se.mean()
+    if change_weight == 0:
+        return plain, {"loss/flow": plain.item()}
+    moved = changed(x0, threshold).float()
+    w = 1 + change_weight * moved
+    weighted = (w * se).sum() / w.sum()
+    share = (w * moved).sum() / w.sum()
+    return weighted, {"loss/flow": plain.item(), "loss/flow_weighted": weighted.item(), "changed_fraction": moved.mean().item(), "changed_weight_share": share.item()}
+
+
 def teacher_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], args: argparse.Namespace, num_actions: int, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
     x0 = batch["latents"].float()  # (B, T, C, h, w)
     a = batch["actions"].long()  # (B, T)
@@ -112,7 +150,7 @@ def teacher_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], args: a
     n = T // Fc
     dev = x0.device
     # one noise level per chunk, shared by its frames
-    s = sample_levels((B, n), generator=g).repeat_interleave(Fc, dim=1).to(dev)
+    s = sample_levels((B, n), generator=g, mean=args.level_mean).repeat_interleave(Fc, dim=1).to(dev)
     s_ctx = (torch.rand(B, n, generator=g) * args.ctx_noise).repeat_interleave(Fc, dim=1).to(dev)
     eps = torch.randn(x0.shape, generator=g).to(dev)
     eps_ctx = torch.randn(x0.shape, generator=g).to(dev)
@@ -121,14 +159,14 @@ def teacher_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], args: a
     drop = (torch.rand(B, n, generator=g) < args.action_drop).repeat_interleave(Fc, dim=1).to(dev)
     noisy_a = torch.where(drop, torch.full_like(a, num_actions), a)
     v, heads = model(clean, noisy, s_ctx, s, a, noisy_a)
-    flow = F.mse_loss(v.float(), velocity(x0, eps))
+    flow, flow_parts = flow_loss(v, velocity(x0, eps), x0, args.change_weight, args.change_threshold)
     r = batch["rewards"].float().to(dev)
     event = (r != 0).float()
     l_event = F.binary_cross_entropy_with_logits(heads.reward_logit, event)
     l_value = ((heads.reward_value - r) ** 2 * event).sum() / event.sum().clamp(min=1)
     l_end = F.binary_cross_entropy_with_logits(heads.end_logit, batch["terminated"].float().to(dev))
     loss = flow + args.head_weight * (l_event + l_value + l_end)
-    return loss, {"loss/flow": flow.item(), "loss/reward_event": l_event.item(), "loss/reward_value": l_value.item(), "loss/end": l_end.item()}
+    return loss, {**flow_parts, "loss/reward_event": l_event.item(), "loss/reward_value": l_value.item(), "loss/end": l_end.item()}
 
 
 def model_cfg(model: torch.nn.Module) -> DiTConfig:
@@ -147,10 +185,13 @@ class PackForward(torch.nn.Module):
         return self.dit.forward_pack(*a)
 
 
-def lr_at(step: int, args: argparse.Namespace) -> float:
+def lr_at(step: int, args: argparse.Namespace, wall_s: float = 0.0) -> float:
+    """Linear warm-up, then cosine to 0.1 lr over the steps, or over --max-minutes if that runs out first."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     prog = (step - args.warmup) / max(1, args.steps - args.warmup)
+    if args.max_minutes is not None:
+        prog = max(prog, wall_s / (60 * args.max_minutes))
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
 
 
@@ -192,7 +233,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"latents ready in {lat_dir} ({time.time() - t0:.0f}s)")
 
     # 2. model, EMA, optimizer; resume if a checkpoint exists
-    cfg = dit_config(args.preset, in_channels=tok.cfg.channels, latent_size=tok.cfg.latent_size, num_actions=meta["num_actions"], sink_chunks=args.sink_chunks, window_chunks=args.window_chunks)
+    shape = {} if args.patch_size is None else {"patch_size": args.patch_size}
+    try:
+        cfg = dit_config(args.preset, in_channels=tok.cfg.channels, latent_size=tok.cfg.latent_size, num_actions=meta["num_actions"], sink_chunks=args.sink_chunks,
+                         window_chunks=args.window_chunks, prev_frame=args.prev_frame, delta=args.delta, **shape)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.frames % cfg.frames_per_chunk:
         print(f"error: --frames {args.frames} must be a multiple of frames_per_chunk {cfg.frames_per_chunk}", file=sys.stderr)
         return 2
@@ -242,10 +289,16 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(total=args.steps, initial=step, desc="teacher", disable=not d.is_main, dynamic_ncols=True)
     t_log, seen = time.time(), 0
     acc: dict[str, float] = {}
-    while step < args.steps:
+    def wall() -> float:
+        return wall_before + time.time() - t0
+
+    def out_of_time() -> bool:  # every rank stops at the same step
+        return args.max_minutes is not None and all_reduce_mean(float(wall() >= 60 * args.max_minutes), d) > 0
+
+    while step < args.steps and not out_of_time():
         batch = {k: v.to(d.device) for k, v in next(data_it).items()}
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args)
+            group["lr"] = lr_at(step, args, wall())
         loss, parts = teacher_loss(model, batch, args, cfg.num_actions, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -262,12 +315,14 @@ def main(argv: list[str] | None = None) -> int:
         if step % args.log_every == 0 or step == args.steps:
             dt = time.time() - t_log
             scalars = {k: all_reduce_mean(v / seen, d) for k, v in acc.items()}
-            scalars.update({"lr": lr_at(step, args), "grad_norm": float(gnorm), "steps_per_s": seen / dt})
+            scalars.update({"lr": lr_at(step, args, wall()), "grad_norm": float(gnorm), "steps_per_s": seen / dt})
             log.log(step, **scalars)
             bar.set_postfix(flow=f"{scalars['loss/flow']:.4f}", sps=f"{seen / dt:.2f}")
             acc, seen, t_log = {}, 0, time.time()
         if step % args.ckpt_every == 0 or step == args.steps:
             save(step)
+    if step % args.ckpt_every and step < args.steps or not ckpt.exists():  # stopped by --max-minutes between checkpoints
+        save(step)
     bar.close()
     log.close()
 
@@ -334,13 +389,16 @@ def start_contexts(data: Path, n: int, length: int) -> tuple[np.ndarray, np.ndar
 
 def model_card(args: argparse.Namespace, meta: dict, n_params: int, step: int, wall: float, d) -> str:
     hw = torch.cuda.get_device_name(0) if d.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    cmd = "python -m train.teacher " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "export_only")
+    flags = {k: v for k, v in vars(args).items() if k != "export_only" and v is not None and v is not False}
+    cmd = "python -m train.teacher " + " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in flags.items())
     return (
         f"# World model: {meta['game']} (teacher)\n\n"
         f"- Stage: teacher (flow matching, teacher forcing), preset `{args.preset}`, {n_params / 1e6:.2f}M parameters\n"
         f"- Data: {meta.get('splits', {}).get('train', {}).get('steps', '?')} training steps of real {meta['game']} play recorded by `train.collect`\n"
         f"- Optimizer steps: {step}, batch {args.batch_size} windows of {args.frames} frames\n"
         f"- Hardware: {hw} x {d.world_size} process(es); wall time {wall / 60:.1f} min (latent encoding and training, all resumed parts)\n"
+        f"- Inputs: previous frame concatenated {'yes' if args.prev_frame else 'no'}, change-from-previous parameterisation {'yes' if args.delta else 'no'}; "
+        f"flow loss change weight {args.change_weight} (threshold {args.change_threshold}); logit-normal level mean {args.level_mean}\n"
         f"- Samples with {args.sample_steps} Euler steps by default\n\n"
         f"Reproduce:\n\n    {cmd}\n"
     )

@@ -60,6 +60,9 @@ class KVCache:
         # chunk index held by each slot (-1: empty); the scratch slot holds the chunk being generated
         self.slot_chunk = torch.full((batch, self.n_slots), -1, dtype=torch.long, device=device)
         self.n_chunks = torch.zeros(batch, dtype=torch.long, device=device)  # committed chunks per world
+        # the last frame of the last committed chunk, per world (zeros before the first): the pixel-aligned
+        # conditioning of DiTConfig.prev_frame / delta; (B, C, h, w)
+        self.prev = torch.zeros(batch, cfg.in_channels, *cfg.latent_size, device=device, dtype=dtype)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta).to(device)
         self._read: dict | None = None
         self.reuse_reads = True  # False recomputes the rotations at every forward (the benchmark's baseline)
@@ -69,6 +72,7 @@ class KVCache:
         idx = slice(None) if worlds is None else torch.as_tensor(worlds, dtype=torch.long, device=self.n_chunks.device)
         self.slot_chunk[idx] = -1
         self.n_chunks[idx] = 0
+        self.prev[idx] = 0
         self._read = None
 
     def home_slot(self, i: torch.Tensor) -> torch.Tensor:
@@ -133,8 +137,9 @@ class KVCache:
         keys = apply_rotary(keys, r["k_cos"], r["k_sin"])
         return attention(q, keys, vals, mask=r["mask"])
 
-    def commit(self, worlds: torch.Tensor | None = None) -> None:
-        """Move the scratch slot (the clean chunk just run at t=0) into its permanent slot.
+    def commit(self, worlds: torch.Tensor | None = None, last_frame: torch.Tensor | None = None) -> None:
+        """Move the scratch slot (the clean chunk just run at t=0) into its permanent slot, and keep that
+        chunk's `last_frame` (B, C, h, w) as the next chunk's previous frame (detached, like the cache).
         `worlds` (B,) bool: commit only those worlds (e.g. the ones being reset); the rest keep their context."""
         b = torch.arange(self.batch, device=self.n_chunks.device)
         if worlds is not None:
@@ -148,6 +153,8 @@ class KVCache:
         self.v[:, b, :, slot] = self.v[:, b, :, 0].transpose(0, 1)
         self.slot_chunk[b, slot] = i
         self.n_chunks[b] += 1
+        if last_frame is not None:
+            self.prev[b] = last_frame[b].detach().to(self.prev.dtype)
         self._read = None
 
     def max_position(self) -> int:

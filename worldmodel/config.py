@@ -78,6 +78,15 @@ class DiTConfig:
     rope_theta: float = 10000.0
     qk_norm: bool = True
     head_hidden: int = 128  # reward / episode-end heads
+    # Pixel-aligned conditioning on the previous frame (DIAMOND, GameNGen): each frame's input tokens carry
+    # the latents of the frame before its chunk (the last clean frame in the context; zeros before the
+    # first), concatenated channel-wise, on top of the KV cache.
+    prev_frame: bool = False
+    # The network sees and predicts the change from that previous frame (Delta-IRIS's idea in diffusion
+    # form): its input is x_t - (1 - t) prev, the noisy change, and its output the change's velocity, so the
+    # velocity is output - prev. A reparameterisation inside the DiT: the flow maths, the sampler and the
+    # distillation stages are unchanged.
+    delta: bool = False
 
     def __post_init__(self) -> None:
         self.latent_size = tuple(self.latent_size)
@@ -90,6 +99,11 @@ class DiTConfig:
             raise ValueError(f"latent_size {self.latent_size} must be divisible by patch_size {self.patch_size}")
         if self.sink_chunks < 0 or self.window_chunks < 1:
             raise ValueError("need sink_chunks >= 0 and window_chunks >= 1")
+
+    @property
+    def uses_prev(self) -> bool:
+        """Does the network read the previous frame (kept by the KV cache at play time)?"""
+        return self.prev_frame or self.delta
 
     @property
     def head_dim(self) -> int:

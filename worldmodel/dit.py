@@ -22,6 +22,7 @@ import torch.nn as nn
 from .attention import Rotary, apply_rotary, attention
 from .cache import KVCache, query_position, token_positions, visible
 from .config import DiTConfig
+from .flow import expand
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -129,7 +130,7 @@ class CausalDiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         D, p = cfg.dim, cfg.patch_size
-        self.x_embed = nn.Linear(cfg.in_channels * p * p, D)
+        self.x_embed = nn.Linear(cfg.in_channels * p * p * (2 if cfg.prev_frame else 1), D)
         self.t_embed = TimestepEmbedder(D)
         self.a_embed = nn.Embedding(cfg.num_actions + 1, D)  # row num_actions: null action (guidance)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
@@ -186,6 +187,30 @@ class CausalDiT(nn.Module):
             raise ValueError(f"actions must lie in [0, {self.cfg.num_actions - 1}] (or {self.cfg.num_actions} for the null action), got range [{int(actions.min())}, {int(actions.max())}]")
         return self.t_embed(t) + self.a_embed(actions)
 
+    def previous_frames(self, x: torch.Tensor) -> torch.Tensor:
+        """Each frame's previous frame in a sequence x (B, T, C, h, w): the last frame of the chunk before its
+        own (zeros for the first chunk), (B, T, C, h, w). The KV cache keeps the same at play time."""
+        Fc = self.cfg.frames_per_chunk
+        last = x[:, Fc - 1::Fc]  # (B, n, C, h, w)
+        before = torch.cat([torch.zeros_like(last[:, :1]), last[:, :-1]], dim=1)  # (B, n, C, h, w)
+        return before.repeat_interleave(Fc, dim=1)  # (B, T, C, h, w)
+
+    def tokens(self, x: torch.Tensor, t: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
+        """Input tokens (B, T, N, Din) of latents x (B, T, C, h, w) at levels t (B, T), with each frame's
+        previous frame `prev` (B, T, C, h, w) where the config uses it (`prev_frame`, `delta`)."""
+        if self.cfg.delta:  # the noisy change: x_t - (1 - t) prev = (1 - t)(x0 - prev) + t eps
+            x = x - expand(1 - t, x).to(x.dtype) * prev
+        tok = self.patchify(x)
+        if self.cfg.prev_frame:
+            tok = torch.cat([tok, self.patchify(prev)], dim=-1)  # (B, T, N, 2 C p p)
+        return tok
+
+    def velocity_out(self, out: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
+        """Output tokens (B, T, N, C*p*p) -> velocity (B, T, C, h, w); with `delta` the network predicts the
+        change's velocity eps - (x0 - prev), so the frame's is that minus prev."""
+        v = self.unpatchify(out)
+        return v - prev if self.cfg.delta else v
+
     def _body(self, x: torch.Tensor, c: torch.Tensor, attend: AttendFn) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, N, Din), c (B, T, D) -> (velocity tokens (B, T, N, Dout), pooled features (B, T, D))."""
         h = self.x_embed(x)
@@ -239,7 +264,10 @@ class CausalDiT(nn.Module):
             raise ValueError(f"clean {tuple(clean.shape)} and noisy {tuple(noisy.shape)} latents must match")
         n = T // Fc
         noisy_actions = actions if noisy_actions is None else noisy_actions
-        x = torch.cat([self.patchify(clean), self.patchify(noisy)], dim=1)  # (B, 2T, N, Din)
+        # both copies of frame i see the same previous frame: the clean stream's (context noise included,
+        # as at play time the previous frame is the model's own output)
+        prev = self.previous_frames(clean) if cfg.uses_prev else None
+        x = torch.cat([self.tokens(clean, t_clean, prev), self.tokens(noisy, t_noisy, prev)], dim=1)  # (B, 2T, N, Din)
         c = torch.cat([self.condition(t_clean, actions), self.condition(t_noisy, noisy_actions)], dim=1)  # (B, 2T, D)
 
         mask, chunk, is_noisy = self.pack_mask(n, x.device)
@@ -276,7 +304,7 @@ class CausalDiT(nn.Module):
             return attention(q2, k2, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]))
 
         out, feats = self._body(x, c, attend)
-        v = self.unpatchify(out[:, T:])
+        v = self.velocity_out(out[:, T:], prev)
         return v, self.read_heads(feats[:, :T])
 
     # ----- generation: one chunk against the KV cache -----
@@ -292,12 +320,14 @@ class CausalDiT(nn.Module):
         if x.shape[0] != cache.batch:
             raise ValueError(f"batch of {x.shape[0]} worlds does not match the cache's {cache.batch}")
         cache.begin()
-        out, feats = self._body(self.patchify(x), self.condition(t, actions), cache.attend)
+        prev = cache.prev[:, None].expand_as(x) if self.cfg.uses_prev else None  # (B, F, C, h, w)
+        out, feats = self._body(self.tokens(x, t, prev), self.condition(t, actions), cache.attend)
+        v = self.velocity_out(out, prev)
         if isinstance(commit, torch.Tensor):
-            cache.commit(commit)
+            cache.commit(commit, last_frame=x[:, -1])
         elif commit:
-            cache.commit()
-        return self.unpatchify(out), self.read_heads(feats)
+            cache.commit(last_frame=x[:, -1])
+        return v, self.read_heads(feats)
 
     def new_cache(self, batch: int) -> KVCache:
         p = next(self.parameters())

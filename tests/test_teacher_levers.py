@@ -1,0 +1,121 @@
+"""The teacher's fidelity levers, each on its mechanics: the change-weighted flow loss, the shifted noise
+levels, the wall-time budget, and a tiny run with every input lever on (previous frame, change target,
+finest tokens) that exports a model the runtime plays. Parity of the new inputs between the pack and the
+cache is in test_dit.py."""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from train.teacher import changed, flow_loss, lr_at, parse_args
+from worldmodel.flow import sample_levels
+from worldmodel.runtime import WorldModel, load_start_frames
+
+from tests.conftest import TEACHER, run
+
+
+def window_with_a_moving_dot() -> torch.Tensor:
+    """(1, 3, 2, 4, 4): a flat background; one element lights up in frame 1 and moves in frame 2."""
+    x = torch.zeros(1, 3, 2, 4, 4)
+    x[0, 1, 0, 1, 1] = 1.0
+    x[0, 2, 0, 1, 2] = 1.0
+    return x
+
+
+def test_changed_marks_what_moved_and_not_the_first_frame():
+    x = window_with_a_moving_dot()
+    m = changed(x, threshold=0.05)
+    assert m.shape == x.shape and m.dtype == torch.bool
+    assert not m[:, 0].any()  # no frame before the first
+    assert m[0, 1, 0, 1, 1] and m.sum() == 1 + 2  # frame 1: the dot appears; frame 2: it leaves one place, enters another
+    assert m[0, 2, 0, 1, 1] and m[0, 2, 0, 1, 2]
+    assert not changed(x + 0.01 * torch.randn_like(x).clamp(-1, 1), threshold=0.05)[:, 1:].logical_xor(m[:, 1:]).any()
+
+
+def test_change_weight_puts_the_gradient_where_frames_change():
+    x = window_with_a_moving_dot()
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(x.shape, generator=g)
+    err = torch.full_like(x, 0.5)  # the same error everywhere, so only the weight differs
+    v = (target + err).requires_grad_(True)
+    plain, parts = flow_loss(v, target, x, change_weight=0.0, threshold=0.05)
+    torch.testing.assert_close(plain, torch.nn.functional.mse_loss(v, target))
+    assert set(parts) == {"loss/flow"}
+
+    lam = 50.0
+    loss, parts = flow_loss(v, target, x, change_weight=lam, threshold=0.05)
+    (grad,) = torch.autograd.grad(loss, v)
+    m = changed(x, 0.05)
+    ratio = grad[m].abs().min() / grad[~m].abs().max()
+    torch.testing.assert_close(ratio, torch.tensor(1 + lam))  # largest exactly where frames change
+    f = m.float().mean().item()
+    assert parts["changed_fraction"] == pytest.approx(f)
+    assert parts["changed_weight_share"] == pytest.approx(f * (1 + lam) / (1 + f * lam))  # 3 of 96 elements: 3% -> 62%
+    assert parts["changed_weight_share"] > 10 * f
+    assert parts["loss/flow"] == pytest.approx(0.25) and parts["loss/flow_weighted"] == pytest.approx(loss.item())
+
+
+def test_level_mean_shifts_training_toward_noise():
+    g = torch.Generator().manual_seed(0)
+    plain = sample_levels((20000,), generator=g)
+    high = sample_levels((20000,), generator=g, mean=1.0)
+    assert plain.median() == pytest.approx(0.5, abs=0.02)
+    assert high.median() == pytest.approx(torch.sigmoid(torch.tensor(1.0)).item(), abs=0.02)
+    assert ((high > 0) & (high < 1)).all()
+
+
+def test_schedule_follows_the_wall_budget():
+    args = argparse.Namespace(lr=1e-3, warmup=10, steps=1000, max_minutes=2.0)
+    assert lr_at(500, args, wall_s=0.0) == pytest.approx(lr_at(500, argparse.Namespace(**{**vars(args), "max_minutes": None})))
+    assert lr_at(20, args, wall_s=120.0) == pytest.approx(1e-4)  # budget spent: the floor, whatever the step
+    assert lr_at(20, args, wall_s=60.0) < lr_at(20, args, wall_s=1.0)
+
+
+def test_bad_lever_flags_are_refused():
+    base = ["--data", "d", "--tokenizer", "t", "--out", "o"]
+    for bad in (["--change-weight", "-1"], ["--change-weight", "nan"], ["--change-threshold", "0"], ["--level-mean", "inf"],
+                ["--max-minutes", "0"], ["--patch-size", "0"]):
+        with pytest.raises(SystemExit) as e:
+            parse_args(base + bad)
+        assert e.value.code == 2
+
+
+def test_teacher_with_every_lever_trains_exports_and_plays(data, tokenizer, tmp_path):
+    """prev frame + change target + change weight + level shift + 1x1 patches."""
+    out = tmp_path / "run"
+    levers = ("--prev-frame", "--delta", "--change-weight", "20", "--level-mean", "0.5", "--patch-size", "1")
+    run("-m", "train.teacher", "--data", str(data), "--tokenizer", str(tokenizer), "--out", str(out), *TEACHER, *levers, "--steps", "3")
+    cfg = json.loads((out / "model" / "dit" / "config.json").read_text())["config"]
+    assert cfg["prev_frame"] and cfg["delta"] and cfg["patch_size"] == 1
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and all(0 < r["changed_weight_share"] < 1 and np.isfinite(r["loss/flow_weighted"]) for r in log)
+
+    card = (out / "model" / "README.md").read_text()
+    cmd = next(line.strip() for line in card.splitlines() if line.strip().startswith("python -m train.teacher"))
+    again = parse_args(shlex.split(cmd)[3:])  # the card's command reproduces the run's arguments
+    assert again.prev_frame and again.delta and again.change_weight == 20 and again.patch_size == 1 and again.level_mean == 0.5
+
+    wm = WorldModel.load(out / "model")
+    frames, actions = load_start_frames(out / "model" / "start_frames.npz")
+    wm.reset(frames[0], actions[0], seed=0)
+    assert wm.cache.prev.abs().sum() > 0  # the last context frame is kept as the next step's previous frame
+    a = wm.step(1)
+    wm.reset(frames[0], actions[0], seed=0)
+    np.testing.assert_array_equal(a, wm.step(1))
+    assert a.shape == (1, 64, 64, 3)
+
+
+def test_wall_budget_stops_the_run_with_a_checkpoint(data, tokenizer, tmp_path):
+    out = tmp_path / "run"
+    t0 = time.time()
+    run("-m", "train.teacher", "--data", str(data), "--tokenizer", str(tokenizer), "--out", str(out), *TEACHER, "--steps", "100000", "--max-minutes", "0.01")
+    assert time.time() - t0 < 120
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["step"] < 100000 and state["wall_s"] >= 0.6  # stopped by the budget, where it stopped
+    assert f"Optimizer steps: {state['step']}," in (out / "model" / "README.md").read_text()
