@@ -23,11 +23,13 @@ def make_model(seed: int = 0, **over) -> CausalDiT:
     return model
 
 
-INPUTS = {"plain": {}, "prev": dict(prev_frame=True), "delta": dict(delta=True), "prev+delta": dict(prev_frame=True, delta=True)}
+INPUTS = {"plain": {}, "prev": dict(prev_frame=True), "delta": dict(delta=True), "prev+delta": dict(prev_frame=True, delta=True),
+          "x0": dict(predict="x0"), "x0+prev+delta": dict(predict="x0", prev_frame=True, delta=True)}
 
 
 @pytest.mark.parametrize("frames_per_chunk,sinks,window,inputs", [(1, 1, 3, "plain"), (2, 2, 2, "plain"), (1, 0, 2, "plain"),
-                                                                   (1, 1, 3, "prev"), (2, 2, 2, "prev+delta"), (1, 1, 3, "delta")])
+                                                                   (1, 1, 3, "prev"), (2, 2, 2, "prev+delta"), (1, 1, 3, "delta"),
+                                                                   (1, 1, 3, "x0"), (2, 1, 2, "x0+prev+delta")])
 def test_cached_generation_equals_full_forward(frames_per_chunk, sinks, window, inputs):
     """Generate chunk by chunk with the cache (sinks + window active well past the window), record every
     denoiser call, then replay the same inputs through the teacher-forcing pack in one forward. With the
@@ -71,7 +73,7 @@ def test_cached_generation_equals_full_forward(frames_per_chunk, sinks, window, 
     torch.testing.assert_close(heads.end_logit, torch.cat(heads_cached, dim=1), **TOL)
 
 
-@pytest.mark.parametrize("inputs", ["plain", "prev+delta"])
+@pytest.mark.parametrize("inputs", ["plain", "prev+delta", "x0+prev+delta"])
 def test_causality_of_pack(inputs):
     """A noisy chunk's output depends on neither later clean chunks nor its own clean copy; earlier
     outputs never depend on a later chunk's input or action."""
@@ -262,3 +264,20 @@ def test_solvers_agree_at_one_step_and_differ_after():
             out[solver, steps] = denoise(model, model.new_cache(2), a, noise, sampling_levels(steps), solver=solver, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(out["euler", 1], out["consistency", 1])
     assert not torch.allclose(out["euler", 3], out["consistency", 3])
+
+
+@pytest.mark.parametrize("delta", [False, True])
+def test_x0_prediction_gives_the_exact_velocity_for_the_exact_frame(delta):
+    """predict="x0": a network that outputs the clean frame (or its change from prev) yields v = eps - x0."""
+    model = make_model(predict="x0", delta=delta, prev_frame=True)
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(0)
+    shape = (2, 3, cfg.in_channels, *cfg.latent_size)
+    x0, eps, prev = (torch.randn(shape, generator=g) for _ in range(3))
+    t = torch.tensor([[0.9, 0.5, 0.2], [1.0, 0.3, 0.06]])
+    x_t = (1 - t[..., None, None, None]) * x0 + t[..., None, None, None] * eps
+    out = model.patchify(x0 - prev if delta else x0)  # what a perfect network would output
+    torch.testing.assert_close(model.velocity_out(out, x_t, t, prev), eps - x0, atol=1e-5, rtol=1e-5)
+    # below the clip level the division is by X0_MIN_LEVEL, so v stays finite at t = 0 (the re-cache pass)
+    v0 = model.velocity_out(out, x0, torch.zeros(2, 3), prev)
+    assert torch.isfinite(v0).all() and v0.abs().max() < 1e-5

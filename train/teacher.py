@@ -33,7 +33,7 @@ from tqdm import tqdm
 from envs.dataset import episodes, iter_windows, list_shards, load_shard, read_meta
 from train.common import Logger, all_reduce_mean, barrier, cleanup_dist, ema_update, seed_everything, setup_dist, write_json
 from worldmodel.checkpoint import CheckpointError, flatten_optimizer, load_into, load_tensors, read_config, read_state, recover, save_checkpoint, unflatten_optimizer
-from worldmodel.config import DIT_PRESETS, DiTConfig, SamplingConfig, dit_config, from_dict, to_dict
+from worldmodel.config import DIT_PRESETS, PREDICTIONS, DiTConfig, SamplingConfig, dit_config, from_dict, to_dict
 from worldmodel.dit import CausalDiT
 from worldmodel.flow import add_noise, sample_levels, velocity
 from worldmodel.runtime import export_world_model
@@ -62,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--head-weight", type=float, default=0.1, help="weight of the reward/end head losses")
     p.add_argument("--prev-frame", action="store_true", help="concatenate each frame's previous frame to its input tokens (pixel-aligned conditioning)")
     p.add_argument("--delta", action="store_true", help="the network sees and predicts the change from the previous frame")
+    p.add_argument("--predict", choices=PREDICTIONS, default="velocity", help="what the network outputs: the velocity, or the clean frame x0 (JiT; for pixel patches wider than the network)")
     p.add_argument("--patch-size", type=int, default=None, help="DiT patch size over the latent grid (default: the preset's); 1 gives the finest tokens")
     p.add_argument("--change-weight", type=float, default=0.0, help="extra flow-loss weight of latent elements that change from the previous frame (0: plain MSE)")
     p.add_argument("--change-threshold", type=float, default=0.05, help="an element changes when it moves by more than this (normalised latent units)")
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = {} if args.patch_size is None else {"patch_size": args.patch_size}
     try:
         cfg = dit_config(args.preset, in_channels=tok.cfg.channels, latent_size=tok.cfg.latent_size, num_actions=meta["num_actions"], sink_chunks=args.sink_chunks,
-                         window_chunks=args.window_chunks, prev_frame=args.prev_frame, delta=args.delta, **shape)
+                         window_chunks=args.window_chunks, prev_frame=args.prev_frame, delta=args.delta, predict=args.predict, **shape)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -397,7 +398,7 @@ def model_card(args: argparse.Namespace, meta: dict, n_params: int, step: int, w
         f"- Data: {meta.get('splits', {}).get('train', {}).get('steps', '?')} training steps of real {meta['game']} play recorded by `train.collect`\n"
         f"- Optimizer steps: {step}, batch {args.batch_size} windows of {args.frames} frames\n"
         f"- Hardware: {hw} x {d.world_size} process(es); wall time {wall / 60:.1f} min (latent encoding and training, all resumed parts)\n"
-        f"- Inputs: previous frame concatenated {'yes' if args.prev_frame else 'no'}, change-from-previous parameterisation {'yes' if args.delta else 'no'}; "
+        f"- Network: predicts {args.predict}; previous frame concatenated {'yes' if args.prev_frame else 'no'}, change-from-previous parameterisation {'yes' if args.delta else 'no'}; "
         f"flow loss change weight {args.change_weight} (threshold {args.change_threshold}); logit-normal level mean {args.level_mean}\n"
         f"- Samples with {args.sample_steps} Euler steps by default\n\n"
         f"Reproduce:\n\n    {cmd}\n"

@@ -56,6 +56,10 @@ class TokenizerConfig:
         return (self.frame_size[0] // self.downsample, self.frame_size[1] // self.downsample)
 
 
+PREDICTIONS = ("velocity", "x0")
+X0_MIN_LEVEL = 0.05  # x0 prediction: the velocity divides by the level, clipped here (JiT's t_eps)
+
+
 @dataclass
 class DiTConfig:
     """The action-conditioned causal DiT. Shapes are derived from the tokenizer and the game."""
@@ -87,6 +91,10 @@ class DiTConfig:
     # velocity is output - prev. A reparameterisation inside the DiT: the flow maths, the sampler and the
     # distillation stages are unchanged.
     delta: bool = False
+    # What the network's output is: "velocity" (v = eps - x0) or "x0", the clean frame, turned into the
+    # velocity (x_t - x0) / max(t, X0_MIN_LEVEL) (JiT, Li & He 2025: pixel patches wider than the network
+    # cannot carry the noise that a velocity holds, but the clean frame lies on a low-dimensional manifold).
+    predict: str = "velocity"
 
     def __post_init__(self) -> None:
         self.latent_size = tuple(self.latent_size)
@@ -99,6 +107,8 @@ class DiTConfig:
             raise ValueError(f"latent_size {self.latent_size} must be divisible by patch_size {self.patch_size}")
         if self.sink_chunks < 0 or self.window_chunks < 1:
             raise ValueError("need sink_chunks >= 0 and window_chunks >= 1")
+        if self.predict not in PREDICTIONS:
+            raise ValueError(f"predict must be one of {PREDICTIONS}, got {self.predict!r}")
 
     @property
     def uses_prev(self) -> bool:
@@ -184,4 +194,4 @@ def from_dict(cls: type, d: dict[str, Any]) -> Any:
     return cls(**d)
 
 
-__all__ = ["TokenizerConfig", "DiTConfig", "SamplingConfig", "DIT_PRESETS", "dit_config", "to_dict", "from_dict", "field"]
+__all__ = ["TokenizerConfig", "DiTConfig", "PREDICTIONS", "X0_MIN_LEVEL", "SamplingConfig", "DIT_PRESETS", "dit_config", "to_dict", "from_dict", "field"]

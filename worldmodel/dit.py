@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .attention import Rotary, apply_rotary, attention
 from .cache import KVCache, query_position, token_positions, visible
-from .config import DiTConfig
+from .config import X0_MIN_LEVEL, DiTConfig
 from .flow import expand
 
 
@@ -205,11 +205,15 @@ class CausalDiT(nn.Module):
             tok = torch.cat([tok, self.patchify(prev)], dim=-1)  # (B, T, N, 2 C p p)
         return tok
 
-    def velocity_out(self, out: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
-        """Output tokens (B, T, N, C*p*p) -> velocity (B, T, C, h, w); with `delta` the network predicts the
-        change's velocity eps - (x0 - prev), so the frame's is that minus prev."""
-        v = self.unpatchify(out)
-        return v - prev if self.cfg.delta else v
+    def velocity_out(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
+        """Output tokens (B, T, N, C*p*p) of the noisy frames x (B, T, C, h, w) at levels t (B, T) -> velocity
+        (B, T, C, h, w). With `delta` the network predicts the change (its velocity eps - (x0 - prev), or
+        x0 - prev), so prev is taken off (added back) to give the frame's."""
+        o = self.unpatchify(out)
+        if self.cfg.predict == "velocity":
+            return o - prev if self.cfg.delta else o
+        x0 = o + prev if self.cfg.delta else o
+        return (x - x0) / expand(t.clamp(min=X0_MIN_LEVEL), x).to(x.dtype)
 
     def _body(self, x: torch.Tensor, c: torch.Tensor, attend: AttendFn) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, N, Din), c (B, T, D) -> (velocity tokens (B, T, N, Dout), pooled features (B, T, D))."""
@@ -304,7 +308,7 @@ class CausalDiT(nn.Module):
             return attention(q2, k2, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]))
 
         out, feats = self._body(x, c, attend)
-        v = self.velocity_out(out[:, T:], prev)
+        v = self.velocity_out(out[:, T:], noisy, t_noisy, prev)
         return v, self.read_heads(feats[:, :T])
 
     # ----- generation: one chunk against the KV cache -----
@@ -322,7 +326,7 @@ class CausalDiT(nn.Module):
         cache.begin()
         prev = cache.prev[:, None].expand_as(x) if self.cfg.uses_prev else None  # (B, F, C, h, w)
         out, feats = self._body(self.tokens(x, t, prev), self.condition(t, actions), cache.attend)
-        v = self.velocity_out(out, prev)
+        v = self.velocity_out(out, x, t, prev)
         if isinstance(commit, torch.Tensor):
             cache.commit(commit, last_frame=x[:, -1])
         elif commit:
