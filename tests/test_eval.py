@@ -284,6 +284,9 @@ def test_probe_errors_and_pooling():
     np.testing.assert_array_equal(e["paddle_found"], [[1.0, 0.0, nan, 1.0]])
     np.testing.assert_array_equal(e["ball_agree"], [[1.0, 0.0, 0.0, 1.0]])
     np.testing.assert_array_equal(e["ball_dist"], [[5.0, nan, nan, nan]])
+    np.testing.assert_array_equal(e["ball_match"], [[0.0, 0.0, 0.0, 1.0]])  # step 0: both see one, 5 px apart
+    near = {**gen, "ball_x": np.array([[2.0, 2.0, nan, nan]]), "ball_y": np.array([[2.0, 2.0, nan, nan]])}
+    np.testing.assert_array_equal(probe_errors(real, near)["ball_match"], [[1.0, 0.0, 0.0, 1.0]])  # 1.4 px apart
     np.testing.assert_array_equal(e["bricks_abs_err"], [[0.0, 1.0, 4.0, 0.0]])
     np.testing.assert_array_equal(e["score_abs_err"], [[1.0, nan, nan, 3.0]])
     p = pooled(e, [1, 3, 4])
@@ -310,10 +313,10 @@ def test_probe_exact_at_reads_each_step_alone():
     # episode 2 is generated perfectly: the means at a step are over both episodes, undefined ones left out
     two_real, two_gen = ({k: np.concatenate([real[k], real[k]]) for k in real}, {k: np.concatenate([gen[k], real[k]]) for k in real})
     e = probe_exact_at(two_real, two_gen, [1, 3, 4])
-    assert e[1] == {"ball_agree": 1.0, "ball_dist": 2.5, "paddle_abs_err": 1.0, "bricks_abs_err": 0.0, "ball_both": 2}
+    assert e[1] == {"ball_agree": 1.0, "ball_match": 0.5, "ball_dist": 2.5, "paddle_abs_err": 1.0, "bricks_abs_err": 0.0, "ball_both": 2}
     assert e[3]["ball_agree"] == 0.5 and e[3]["ball_dist"] == 0.0 and e[3]["ball_both"] == 1 and math.isnan(e[3]["paddle_abs_err"])
     assert e[3]["bricks_abs_err"] == 2.0  # step 3 alone; pooled over steps 2-3 it would be 1.25
-    assert e[4] == {"ball_agree": 1.0, "ball_dist": e[4]["ball_dist"], "paddle_abs_err": 0.25, "bricks_abs_err": 0.0, "ball_both": 0} and math.isnan(e[4]["ball_dist"])
+    assert e[4] == {"ball_agree": 1.0, "ball_match": 1.0, "ball_dist": e[4]["ball_dist"], "paddle_abs_err": 0.25, "bricks_abs_err": 0.0, "ball_both": 0} and math.isnan(e[4]["ball_dist"])
     with pytest.raises(ValueError, match="must lie in"):
         probe_exact_at(real, gen, [5])
     assert [exact_horizons(h) for h in (1, 3, 4, 10, 16, 40)] == [[1], [1, 3], [1, 4], [1, 4, 8, 10], [1, 4, 8, 16], [1, 4, 8, 16, 32, 40]]
@@ -335,7 +338,7 @@ def test_probe_exact_at_on_frames(data):
     moved[y + 1:y + 8, x - 3:x + 4] = f[box]
     real, gen = np.stack([f, f, f])[None], np.stack([f, erased, moved])[None]  # (1, 3, 64, 64, 3)
     e = probe_exact_at(probe_breakout(real), probe_breakout(gen), [1, 2, 3])
-    assert e[1] == {"ball_agree": 1.0, "ball_dist": 0.0, "paddle_abs_err": 0.0, "bricks_abs_err": 0.0, "ball_both": 1}
+    assert e[1] == {"ball_agree": 1.0, "ball_match": 1.0, "ball_dist": 0.0, "paddle_abs_err": 0.0, "bricks_abs_err": 0.0, "ball_both": 1}
     assert e[2]["ball_agree"] == 0.0 and e[2]["ball_both"] == 0 and math.isnan(e[2]["ball_dist"]) and e[2]["bricks_abs_err"] == 0.0
     assert e[3]["ball_agree"] == 1.0 and e[3]["ball_dist"] == pytest.approx(4.0, abs=1e-6) and e[3]["paddle_abs_err"] == 0.0
 

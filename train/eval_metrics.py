@@ -105,21 +105,27 @@ def termination_scores(end_prob: np.ndarray, terminated: np.ndarray) -> dict[str
 
 
 # ----- state probes -----
+BALL_MATCH_PX = 2.0  # ball_match: a ball counts as the real one's when within this many 64-px pixels
+
+
 def probe_errors(real: dict[str, np.ndarray], gen: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Per-step disagreement of two probe readings (each {key: (E, H)}), NaN where undefined:
     paddle_abs_err (both found), paddle_found (gen finds one where real has one: 1/0), ball_agree (both or
-    neither see a ball: 1/0), ball_dist (Euclidean, both see it), bricks_abs_err, score_abs_err (both readable)."""
+    neither see a ball: 1/0), ball_match (neither sees a ball, or both within BALL_MATCH_PX: 1/0; a ball drawn
+    in the wrong place does not count), ball_dist (Euclidean, both see it), bricks_abs_err, score_abs_err (both readable)."""
     def where(ok, v):
         return np.where(ok, v, np.nan)
 
     real_ball, gen_ball = ~np.isnan(real["ball_x"]), ~np.isnan(gen["ball_x"])
+    dist = np.hypot(gen["ball_x"] - real["ball_x"], gen["ball_y"] - real["ball_y"])  # NaN unless both show one
     real_paddle, gen_paddle = ~np.isnan(real["paddle_x"]), ~np.isnan(gen["paddle_x"])
     readable = (real["score"] >= 0) & (gen["score"] >= 0)
     return {
         "paddle_abs_err": np.abs(gen["paddle_x"] - real["paddle_x"]),
         "paddle_found": where(real_paddle, gen_paddle.astype(np.float64)),
         "ball_agree": (real_ball == gen_ball).astype(np.float64),
-        "ball_dist": np.hypot(gen["ball_x"] - real["ball_x"], gen["ball_y"] - real["ball_y"]),
+        "ball_match": (~real_ball & ~gen_ball | (dist <= BALL_MATCH_PX)).astype(np.float64),
+        "ball_dist": dist,
         "bricks_abs_err": np.abs(gen["bricks_left"] - real["bricks_left"]).astype(np.float64),
         "score_abs_err": where(readable, np.abs(gen["score"] - real["score"]).astype(np.float64)),
         "score_readable": where(real["score"] >= 0, (gen["score"] >= 0).astype(np.float64)),
@@ -167,7 +173,7 @@ def exact_horizons(horizon: int) -> list[int]:
     return hs if hs[-1] == horizon else [*hs, horizon]
 
 
-GLANCE_KEYS = ("ball_agree", "ball_dist", "paddle_abs_err", "bricks_abs_err")
+GLANCE_KEYS = ("ball_agree", "ball_match", "ball_dist", "paddle_abs_err", "bricks_abs_err")
 
 
 def probe_exact_at(real: dict[str, np.ndarray], gen: dict[str, np.ndarray], horizons: Sequence[int]) -> dict[int, dict[str, float]]:
