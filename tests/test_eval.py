@@ -406,3 +406,25 @@ def test_partial_denoise(shaken, data):
         partial_denoise_ball(wm, ref, levels=(1.5,))
     with pytest.raises(ValueError, match="batch 1"):
         partial_denoise_ball(load_model(ModelSpec("m", shaken), batch=1), ref)
+
+
+def test_ablation_table_from_evaluations(teacher, tmp_path):
+    """train.ablation: rows from evaluate outputs on the same clips, training columns from each model's run."""
+    ev = tmp_path / "eval"
+    run("-m", "train.evaluate", "--model", f"a={teacher / 'model'}", "--model", f"b={teacher / 'model'}@1", "--record-seeds", "0", "--game", "breakout",
+        "--out", str(ev), "--context", "2", "--horizon", "8", "--videos", "0")
+    p = run("-m", "train.ablation", "--eval", str(ev), "--out", str(tmp_path / "abl"))
+    table = (tmp_path / "abl" / "table.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| a |") or line.startswith("| b |") or line.startswith("| hold last")]
+    steps = json.loads((teacher / "checkpoint" / "state.json").read_text())["step"]
+    assert len(rows) == 3 and f"| a | {steps} |" in table  # the training columns come from the model's run
+    assert "python -m train.teacher" in table and (tmp_path / "abl" / "ablation.png").stat().st_size > 0
+    other = tmp_path / "other"
+    other.mkdir()
+    m = json.loads((ev / "metrics.json").read_text())
+    m["source"]["seeds"] = [1]
+    (other / "metrics.json").write_text(json.dumps(m))
+    p = run("-m", "train.ablation", "--eval", str(ev), "--eval", str(other), "--out", str(tmp_path / "abl2"), ok=False)
+    assert p.returncode == 2 and "other clips" in p.stderr
+    p = run("-m", "train.ablation", "--eval", str(tmp_path / "nothing"), "--out", str(tmp_path / "abl3"), ok=False)
+    assert p.returncode == 2 and "--eval" in p.stderr
