@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from envs.dataset import iter_windows, list_shards, load_shard, read_meta
+from envs.probe import probe_for
 from train.common import (Dist, Logger, all_reduce_mean, barrier, cleanup_dist, ema_update, seed_everything,
                           setup_dist, write_json)
 from worldmodel.checkpoint import (CheckpointError, flatten_optimizer, load_into, load_tensors, read_config,
@@ -180,6 +181,23 @@ def evaluate_psnr(tok: FrameTokenizer, frames: np.ndarray, median: np.ndarray) -
             "rare_pixel_fraction": rare_count / (3 * frames[..., 0].size)}
 
 
+@torch.no_grad()
+def probe_fidelity(tok: FrameTokenizer, frames: np.ndarray, probe) -> dict[str, float | int | None]:
+    """The game's state probe (envs.probe) on real frames and on their round trips: what a world model on
+    this tokenizer can reproduce at best. Ball kept = the reconstruction shows a ball where the real frame
+    does (in-play frames), with its position error; paddle error; bricks-left exact."""
+    recon = np.concatenate([tok.decode(tok.encode(torch.from_numpy(frames[i:i + ENCODE_BATCH]))).cpu().numpy() for i in range(0, len(frames), ENCODE_BATCH)])
+    real, rec = probe(frames), probe(recon)
+    ball, kept = ~np.isnan(real["ball_x"]), ~np.isnan(rec["ball_x"])
+    dist = np.hypot(rec["ball_x"] - real["ball_x"], rec["ball_y"] - real["ball_y"])[ball & kept]
+    paddle = np.abs(rec["paddle_x"] - real["paddle_x"])[~np.isnan(real["paddle_x"])]
+    return {"probe_in_play_frames": int(ball.sum()), "ball_kept": float(kept[ball].mean()) if ball.any() else None,
+            "ball_false": int((kept & ~ball).sum()), "ball_err_mean_px": float(dist.mean()) if dist.size else None,
+            "ball_err_max_px": float(dist.max()) if dist.size else None,
+            "paddle_err_max_px": float(np.nan_to_num(paddle, nan=np.inf).max()) if paddle.size else None,
+            "bricks_exact": float((rec["bricks_left"] == real["bricks_left"]).mean())}
+
+
 @torch.inference_mode()
 def measure_decode_ms(tok: FrameTokenizer) -> float:
     """Median wall time in ms to decode one frame (batch 1) after warm-up, as the env does every step."""
@@ -212,10 +230,13 @@ def export(args: argparse.Namespace, cfg: TokenizerConfig, weights: dict[str, to
     else:
         print(f"warning: no held-out shards in {args.data}/heldout; PSNR is not measured", file=sys.stderr)
         quality = {"psnr": None, "psnr_rare_pixels": None, "eval_frames": 0, "rare_pixel_fraction": None}
+    probe = probe_for(read_meta(args.data)["game"])
+    fidelity = probe_fidelity(tok, sample_frames(heldout, args.eval_frames, args.seed + 2), probe) if heldout and probe else {}
     metrics = {
         "kind": cfg.kind,
         "step": step,
         **quality,
+        **fidelity,
         "decode_ms_per_frame": measure_decode_ms(tok),
         "decode_device": str(device),
         "torch_threads": torch.get_num_threads(),
@@ -375,6 +396,10 @@ def main(argv: list[str] | None = None) -> int:
               f"  held-out PSNR {psnr} (rare pixels {rare}) on {metrics['eval_frames']} frames\n"
               f"  decode {metrics['decode_ms_per_frame']:.2f} ms per frame (batch 1, {metrics['decode_device']}, "
               f"{metrics['torch_threads']} threads)")
+        if metrics.get("ball_kept") is not None:
+            print(f"  state probe on {metrics['probe_in_play_frames']} in-play held-out frames: ball kept {100 * metrics['ball_kept']:.1f}% "
+                  f"(position error mean {metrics['ball_err_mean_px']:.2f} px, max {metrics['ball_err_max_px']:.2f} px; {metrics['ball_false']} false balls), "
+                  f"paddle error max {metrics['paddle_err_max_px']:.2f} px, bricks-left exact {100 * metrics['bricks_exact']:.1f}%")
     return 0
 
 
