@@ -251,3 +251,24 @@ def test_cli_bad_input_is_a_clear_error(tmp_path, capsys):
     assert train_main(["--data", str(tmp_path), "--out", str(tmp_path / "r")]) != 0  # a folder, but no dataset
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "meta.json" in err and "Traceback" not in err
+
+
+def test_probe_fidelity_on_real_frames():
+    """The state probe on round trips: exact for pixel patches; a tokenizer that loses small objects shows it."""
+    from envs.probe import probe_breakout, record_breakout
+    from train.tokenizer import probe_fidelity
+
+    _, frames, _ = record_breakout(seed=7, steps=120)
+    patch = FrameTokenizer(TokenizerConfig(kind="patch", patch=8)).eval()
+    m = probe_fidelity(patch, frames, probe_breakout)
+    assert m["probe_in_play_frames"] > 20
+    assert m["ball_kept"] == 1.0 and m["ball_err_max_px"] == 0.0 and m["ball_false"] == 0 and m["paddle_err_max_px"] == 0.0 and m["bricks_exact"] == 1.0
+
+    class Lossy(FrameTokenizer):  # drops what moves between the bricks and the paddle, as a weak decoder does
+        def decode(self, latents):
+            out = super().decode(latents).clone()
+            out[:, 30:54, 8:56] = 0
+            return out
+
+    lossy = probe_fidelity(Lossy(TokenizerConfig(kind="patch", patch=8)).eval(), frames, probe_breakout)
+    assert lossy["ball_kept"] < 0.8 and lossy["bricks_exact"] == 1.0
