@@ -281,3 +281,30 @@ def test_x0_prediction_gives_the_exact_velocity_for_the_exact_frame(delta):
     # below the clip level the division is by X0_MIN_LEVEL, so v stays finite at t = 0 (the re-cache pass)
     v0 = model.velocity_out(out, x0, torch.zeros(2, 3), prev)
     assert torch.isfinite(v0).all() and v0.abs().max() < 1e-5
+
+
+def test_pack_previous_frame_is_the_context_frame_at_data_scale():
+    """With context noise t_clean, the previous frame in the pack is clean / (1 - t_clean): a model of the
+    change then sees at play time (t = 0) frames of the scale it was trained on."""
+    model = make_model(prev_frame=True, delta=True, predict="x0")
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(3)
+    clean = torch.randn(2, 4, cfg.in_channels, *cfg.latent_size, generator=g)
+    noisy = torch.randn_like(clean)
+    t_clean = torch.full((2, 4), 0.1)
+    t = torch.rand(2, 4, generator=g) * 0.8 + 0.1
+    a = torch.randint(0, cfg.num_actions, (2, 4), generator=g)
+    with torch.no_grad():
+        v_noised, _ = model.forward_pack(clean, noisy, t_clean, t, a)
+        seen = {}
+        orig = model.tokens
+
+        def spy(x, tt, prev):
+            seen["prev"] = prev
+            return orig(x, tt, prev)
+
+        model.tokens = spy
+        model.forward_pack(clean, noisy, t_clean, t, a)
+        model.tokens = orig
+    torch.testing.assert_close(seen["prev"][:, 1:], clean[:, :-1] / 0.9)
+    assert (seen["prev"][:, 0] == 0).all() and torch.isfinite(v_noised).all()

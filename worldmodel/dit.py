@@ -268,9 +268,11 @@ class CausalDiT(nn.Module):
             raise ValueError(f"clean {tuple(clean.shape)} and noisy {tuple(noisy.shape)} latents must match")
         n = T // Fc
         noisy_actions = actions if noisy_actions is None else noisy_actions
-        # both copies of frame i see the same previous frame: the clean stream's (context noise included,
-        # as at play time the previous frame is the model's own output)
-        prev = self.previous_frames(clean) if cfg.uses_prev else None
+        # Both copies of frame i see the same previous frame: the clean stream's, context noise included (at
+        # play time the previous frame is the model's own output, errors and all). Important: rescaled by
+        # 1 / (1 - t_clean) to the data's scale, so the noise is added to the frame rather than mixed in; a
+        # frame shrunk by (1 - t) would teach a change model to brighten every clean frame it sees at play.
+        prev = self.previous_frames(clean / expand(1 - t_clean, clean).to(clean.dtype)) if cfg.uses_prev else None
         x = torch.cat([self.tokens(clean, t_clean, prev), self.tokens(noisy, t_noisy, prev)], dim=1)  # (B, 2T, N, Din)
         c = torch.cat([self.condition(t_clean, actions), self.condition(t_noisy, noisy_actions)], dim=1)  # (B, 2T, D)
 
