@@ -135,9 +135,10 @@ def _glance(name: str, mm: dict, hold: dict, has_probe: bool, first: int) -> lis
                  f"{_f(r['reproduced'], pct=True)} of the {r['real_events']} real events; {_f(r['false_rate'], pct=True)} of its "
                  f"{r['model_events']} events have no real event that near.")
     if mm.get("partial_denoise_ball"):
-        cells = [f"s={float(s):g}: {_f(v['survival'], pct=True)} (dist {_f(v['ball_dist'])} px)" for s, v in mm["partial_denoise_ball"].items()]
+        cells = [f"s={float(s):g}: {_f(v['survival'], pct=True)} (a ball anywhere {_f(v['seen'], pct=True)}, dist {_f(v['ball_dist'])} px)"
+                 for s, v in mm["partial_denoise_ball"].items()]
         n = next(iter(mm["partial_denoise_ball"].values()))["n"]
-        lines.append(f"- Partial denoising (the real next frame noised to level s, denoised by the model): the ball survives in {'; '.join(cells)}; "
+        lines.append(f"- Partial denoising (the real next frame noised to level s, denoised by the model): the ball survives (found within 2 px of the real one) in {'; '.join(cells)}; "
                      f"{n} cases with a real ball in the first {first} steps.")
     if mm.get("contact_sheet"):
         lines += ["", f"![contact sheet: real / model / |difference|, steps 1-{first} of clip 0]({mm['contact_sheet']})"]

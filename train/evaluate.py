@@ -82,7 +82,7 @@ from envs.games import resolve_env_id
 from envs.probe import probe_for
 from train.common import write_json
 from train.eval_clips import POLICIES, heldout_clips, random_actions, record_clips, replay_emulator
-from train.eval_metrics import (action_directions, events_reproduced, exact_horizons, mean_abs_diff, mse, nanmean, paddle_response,
+from train.eval_metrics import (BALL_MATCH_PX, action_directions, events_reproduced, exact_horizons, mean_abs_diff, mse, nanmean, paddle_response,
                                 pooled, probe_errors, probe_exact_at, psnr_of, reward_scores, ssim, termination_scores)
 from train.eval_report import contact_sheet, plot_curves, report, side_by_side_video, slug, write_png
 from worldmodel.checkpoint import CheckpointError, read_config
@@ -219,8 +219,9 @@ def partial_denoise(wm: WorldModel, ref: Reference, levels: Sequence[float] = PA
 def partial_denoise_ball(wm: WorldModel, ref: Reference, levels: Sequence[float] = PARTIAL_LEVELS, steps: int = PARTIAL_STEPS,
                          seed: int = 0) -> dict[float, dict[str, float]]:
     """Does the model keep a ball it is given? `partial_denoise`, then over the cases whose real frame shows a
-    ball: {s: {'survival': the fraction where the probe still finds one, 'ball_dist': its mean distance (px)
-    to the real ball, 'n': the cases}}."""
+    ball: {s: {'survival': the fraction where the probe finds one within BALL_MATCH_PX of the real one,
+    'seen': the fraction where it finds one anywhere (noise read as a ball counts here), 'ball_dist': its mean
+    distance (px) to the real ball, 'n': the cases}}."""
     if ref.probe is None:
         raise ValueError("partial_denoise_ball reads the ball with the game's state probe; this game has none")
     got = partial_denoise(wm, ref, levels, steps, seed)
@@ -232,7 +233,8 @@ def partial_denoise_ball(wm: WorldModel, ref: Reference, levels: Sequence[float]
         gen = ref.probe(frames)
         found = ~np.isnan(gen["ball_x"])
         dist = probe_errors(real, gen)["ball_dist"]  # NaN unless both show a ball
-        out[s] = {"survival": float(found[has_ball].mean()) if has_ball.any() else math.nan,
+        out[s] = {"survival": float((dist[has_ball] <= BALL_MATCH_PX).mean()) if has_ball.any() else math.nan,
+                  "seen": float(found[has_ball].mean()) if has_ball.any() else math.nan,
                   "ball_dist": float(nanmean(dist[has_ball])), "n": int(has_ball.sum())}
     return out
 
