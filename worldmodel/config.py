@@ -87,9 +87,9 @@ class DiTConfig:
     # first), concatenated channel-wise, on top of the KV cache.
     prev_frame: bool = False
     # The network sees and predicts the change from that previous frame (Delta-IRIS's idea in diffusion
-    # form): its input is x_t - (1 - t) prev, the noisy change, and its output the change's velocity, so the
-    # velocity is output - prev. A reparameterisation inside the DiT: the flow maths, the sampler and the
-    # distillation stages are unchanged.
+    # form): its input is x_t - (1 - t) prev, the noisy change, and its output the change's velocity (or the
+    # change x0 - prev itself, with predict "x0"); prev is taken off (added back) to give the frame's. A
+    # reparameterisation inside the DiT: the flow maths, the sampler and the distillation stages are unchanged.
     delta: bool = False
     # What the network's output is: "velocity" (v = eps - x0) or "x0", the clean frame, turned into the
     # velocity (x_t - x0) / max(t, X0_MIN_LEVEL) (JiT, Li & He 2025: pixel patches wider than the network
