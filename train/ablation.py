@@ -91,6 +91,8 @@ def plot(rs: list[dict], first: dict, path: Path) -> None:
 
     hs = [int(h) for h in first["exact_horizons"]]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax in axes:  # one colour per row, up to 20 rows
+        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
     panels = (("ball_match", "ball match (<= 2 px, or both absent)"), ("paddle_abs_err", "paddle |dx| (px)"))
     for ax, (key, label) in zip(axes, panels):
         for r in rs:
