@@ -60,3 +60,26 @@ def starts(model):
     from worldmodel.runtime import load_start_frames
 
     return load_start_frames(model / "start_frames.npz")
+
+
+@pytest.fixture(scope="session")
+def acting_model(model, tmp_path_factory) -> Path:
+    """The tiny model with its adaLN-Zero layers (zero at init, barely moved by 3 training steps) and action
+    embedding shaken, so that the context and the actions reach the pixels: RIGHT and LEFT give different frames."""
+    import shutil
+
+    import torch
+
+    from worldmodel.runtime import load_dit, save_dit
+
+    out = tmp_path_factory.mktemp("acting") / "model"
+    shutil.copytree(model, out)
+    dit = load_dit(model / "dit")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in dit.named_parameters():
+            if "ada" in name or "final" in name or "a_embed" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    shutil.rmtree(out / "dit")
+    save_dit(dit, out / "dit")
+    return out

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import cv2
@@ -24,7 +23,6 @@ from train.eval_report import SHEET_HEADER_H, SHEET_LABEL_W, contact_sheet
 from train.evaluate import (ModelSpec, evaluate_models, heldout_clips, load_model, main, parse_spec, partial_denoise, partial_denoise_ball,
                             random_actions, record_clips, reference, replay_emulator, rollout, teacher_forced)
 from worldmodel.checkpoint import read_config
-from worldmodel.runtime import load_dit, save_dit
 
 from tests.conftest import run
 
@@ -40,27 +38,10 @@ def finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-@pytest.fixture(scope="module")
-def shaken(model, tmp_path_factory) -> Path:
-    """The tiny model with its adaLN-Zero layers (zero at init, barely moved by 3 training steps) and action
-    embedding shaken, so that the context and the actions reach the pixels (as test_play's acting_model)."""
-    out = tmp_path_factory.mktemp("shaken") / "model"
-    shutil.copytree(model, out)
-    dit = load_dit(model / "dit")
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in dit.named_parameters():
-            if "ada" in name or "final" in name or "a_embed" in name:
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-    shutil.rmtree(out / "dit")
-    save_dit(dit, out / "dit")
-    return out
-
-
 # ----- the command -----
-def test_two_models_on_heldout_data(teacher, shaken, data, tmp_path):
+def test_two_models_on_heldout_data(teacher, acting_model, data, tmp_path):
     model = teacher / "model"
-    p = run("-m", "train.evaluate", "--model", f"one={model}@1", "--model", f"two={shaken}@2", "--data", str(data),
+    p = run("-m", "train.evaluate", "--model", f"one={model}@1", "--model", f"two={acting_model}@2", "--data", str(data),
             "--out", str(tmp_path), "--episodes", "2", "--context", "2", "--horizon", "10", "--videos", "1")
     m = strict_json(tmp_path / "metrics.json")
     assert list(m["models"]) == ["one", "two"] and m["episodes"] == 2 and m["horizon"] == 10
@@ -88,7 +69,7 @@ def test_two_models_on_heldout_data(teacher, shaken, data, tmp_path):
     with np.load(tmp_path / "rollouts.npz") as z:
         real_probe, gen_probe, tf_probe = (probe_breakout(z[k]) for k in ("real", "rollout_1", "teacher_forced_1"))
     want, tf = (probe_exact_at(real_probe, g, [1, 4, 8, 10]) for g in (gen_probe, tf_probe))  # on the free rollout, not teacher-forced
-    assert want != tf, "the shaken model's rollout and teacher-forced frames should read differently"
+    assert want != tf, "the acting model's rollout and teacher-forced frames should read differently"
     for h, v in m["models"]["two"]["probe_exact_at"].items():
         assert set(v) == {*GLANCE_KEYS, "ball_both"} and 0 <= v["ball_agree"] <= 1 and v["ball_both"] == want[int(h)]["ball_both"]
         for k in GLANCE_KEYS:
@@ -380,11 +361,11 @@ def test_contact_sheet():
         contact_sheet(real, gen[:2])
 
 
-def test_partial_denoise(shaken, data):
+def test_partial_denoise(acting_model, data):
     clips, actions, rewards, terminated = heldout_clips(data, 2, 12, seed=2)
     E, horizon = 2, 10
-    ref, _ = reference(read_config(shaken), clips, actions, rewards, terminated, 2, random_actions(E, horizon, 4, 0), None)
-    wm = load_model(ModelSpec("m", shaken), batch=E)
+    ref, _ = reference(read_config(acting_model), clips, actions, rewards, terminated, 2, random_actions(E, horizon, 4, 0), None)
+    wm = load_model(ModelSpec("m", acting_model), batch=E)
     # s = 1 is a fresh sample from the real past: with the model's own levels (2 steps, shift 1, Euler) and the same
     # seeds it is the teacher-forced prediction, step by step (the cache follows the real frames and actions)
     assert (wm.steps, wm.sampling.shift, wm.sampling.solver) == (2, 1.0, "euler"), "the tiny model's sampling changed; update this test"
@@ -392,7 +373,7 @@ def test_partial_denoise(shaken, data):
     tf, _, _ = teacher_forced(wm, ref.ctx_frames, ref.ctx_actions, ref.real, ref.actions, seed=3)
     np.testing.assert_array_equal(got[1.0], tf)
     free, *_ = rollout(wm, ref.ctx_frames, ref.ctx_actions, ref.actions, seed=3)
-    assert not np.array_equal(free[:, 2:], tf[:, 2:]), "the shaken model should depend on its context (else the parity above proves little)"
+    assert not np.array_equal(free[:, 2:], tf[:, 2:]), "the acting model should depend on its context (else the parity above proves little)"
     np.testing.assert_array_equal(got[0.0], ref.real)  # s = 0: the exact patch tokenizer's round trip
 
     ball = partial_denoise_ball(wm, ref, levels=(1.0, 0.0), steps=2, seed=3)
@@ -406,7 +387,7 @@ def test_partial_denoise(shaken, data):
     with pytest.raises(ValueError, match="levels in"):
         partial_denoise_ball(wm, ref, levels=(1.5,))
     with pytest.raises(ValueError, match="batch 1"):
-        partial_denoise_ball(load_model(ModelSpec("m", shaken), batch=1), ref)
+        partial_denoise_ball(load_model(ModelSpec("m", acting_model), batch=1), ref)
 
 
 def test_ablation_table_from_evaluations(teacher, tmp_path):

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-import torch
 
 from envs.player import keymap
 from envs.player.adapter import PlayAdapter
@@ -28,25 +26,6 @@ BREAKOUT = ["NOOP", "FIRE", "RIGHT", "LEFT"]
 FULL = ["NOOP", "FIRE", "UP", "RIGHT", "LEFT", "DOWN", "UPRIGHT", "UPLEFT", "DOWNRIGHT", "DOWNLEFT", "UPFIRE", "RIGHTFIRE",
         "LEFTFIRE", "DOWNFIRE", "UPRIGHTFIRE", "UPLEFTFIRE", "DOWNRIGHTFIRE", "DOWNLEFTFIRE"]  # ALE's full action set, in its order
 NOOP, FIRE, RIGHT, LEFT = range(4)
-
-
-@pytest.fixture(scope="module")
-def acting_model(model, tmp_path_factory):
-    """The tiny model with its adaLN-Zero layers (zero at init, barely moved by 3 training steps) and action
-    embedding shaken, so that the action reaches the pixels: RIGHT and LEFT must give different frames."""
-    from worldmodel.runtime import load_dit, save_dit
-
-    out = tmp_path_factory.mktemp("acting") / "model"
-    shutil.copytree(model, out)
-    dit = load_dit(model / "dit")
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in dit.named_parameters():
-            if "ada" in name or "final" in name or "a_embed" in name:
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-    shutil.rmtree(out / "dit")
-    save_dit(dit, out / "dit")
-    return out
 
 
 @pytest.fixture
