@@ -254,12 +254,19 @@ def test_reward_and_termination_scores():
         event_scores(np.zeros(3, bool), np.zeros(4, bool))
 
 
-def test_probe_errors_and_pooling():
+def hand_readings() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Probe readings of one 4-step episode, real and generated, with known disagreements."""
     nan = np.nan
     real = {"paddle_x": np.array([[10.0, 20.0, nan, 5.0]]), "ball_x": np.array([[1.0, nan, 3.0, nan]]), "ball_y": np.array([[1.0, nan, 4.0, nan]]),
             "bricks_left": np.array([[108, 107, 100, 90]]), "score": np.array([[0, 4, -1, 10]])}
     gen = {"paddle_x": np.array([[12.0, nan, 3.0, 5.5]]), "ball_x": np.array([[4.0, 2.0, nan, nan]]), "ball_y": np.array([[5.0, 2.0, nan, nan]]),
            "bricks_left": np.array([[108, 108, 104, 90]]), "score": np.array([[1, -1, 3, 13]])}
+    return real, gen
+
+
+def test_probe_errors_and_pooling():
+    nan = np.nan
+    real, gen = hand_readings()
     e = probe_errors(real, gen)
     np.testing.assert_array_equal(e["paddle_abs_err"], [[2.0, nan, nan, 0.5]])
     np.testing.assert_array_equal(e["paddle_found"], [[1.0, 0.0, nan, 1.0]])
@@ -286,11 +293,7 @@ def test_paddle_response():
 
 
 def test_probe_exact_at_reads_each_step_alone():
-    nan = np.nan
-    real = {"paddle_x": np.array([[10.0, 20.0, nan, 5.0]]), "ball_x": np.array([[1.0, nan, 3.0, nan]]), "ball_y": np.array([[1.0, nan, 4.0, nan]]),
-            "bricks_left": np.array([[108, 107, 100, 90]]), "score": np.array([[0, 4, -1, 10]])}
-    gen = {"paddle_x": np.array([[12.0, nan, 3.0, 5.5]]), "ball_x": np.array([[4.0, 2.0, nan, nan]]), "ball_y": np.array([[5.0, 2.0, nan, nan]]),
-           "bricks_left": np.array([[108, 108, 104, 90]]), "score": np.array([[1, -1, 3, 13]])}
+    real, gen = hand_readings()
     # episode 2 is generated perfectly: the means at a step are over both episodes, undefined ones left out
     two_real, two_gen = ({k: np.concatenate([real[k], real[k]]) for k in real}, {k: np.concatenate([gen[k], real[k]]) for k in real})
     e = probe_exact_at(two_real, two_gen, [1, 3, 4])

@@ -322,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
             acc, seen, t_log = {}, 0, time.time()
         if step % args.ckpt_every == 0 or step == args.steps:
             save(step)
-    if step % args.ckpt_every and step < args.steps or not ckpt.exists():  # stopped by --max-minutes between checkpoints
+    stopped_between = step % args.ckpt_every != 0 and step < args.steps  # by --max-minutes, after the last checkpoint
+    if stopped_between or not ckpt.exists():
         save(step)
     bar.close()
     log.close()

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from envs.dataset import iter_windows, list_shards, load_shard, read_meta
 from envs.probe import probe_for
+from train.eval_metrics import probe_errors
 from train.common import (Dist, Logger, all_reduce_mean, barrier, cleanup_dist, ema_update, seed_everything,
                           setup_dist, write_json)
 from worldmodel.checkpoint import (CheckpointError, flatten_optimizer, load_into, load_tensors, read_config,
@@ -191,16 +192,16 @@ def probe_fidelity(tok: FrameTokenizer, frames: np.ndarray, probe) -> dict[str, 
     the real one (in-play frames); its position error where it shows one; paddle error; bricks-left exact."""
     recon = np.concatenate([tok.decode(tok.encode(torch.from_numpy(frames[i:i + ENCODE_BATCH]))).cpu().numpy() for i in range(0, len(frames), ENCODE_BATCH)])
     real, rec = probe(frames), probe(recon)
+    e = probe_errors(real, rec)
     ball, seen = ~np.isnan(real["ball_x"]), ~np.isnan(rec["ball_x"])
-    dist_all = np.hypot(rec["ball_x"] - real["ball_x"], rec["ball_y"] - real["ball_y"])  # NaN unless both show one
-    dist = dist_all[ball & seen]
-    kept = dist_all[ball] <= BALL_KEPT_PX  # seen, and where the real one is
-    paddle = np.abs(rec["paddle_x"] - real["paddle_x"])[~np.isnan(real["paddle_x"])]
+    dist = e["ball_dist"][ball & seen]
+    kept = e["ball_dist"][ball] <= BALL_KEPT_PX  # seen, and where the real one is
+    paddle = e["paddle_abs_err"][~np.isnan(real["paddle_x"])]  # NaN where the reconstruction lost the paddle
     return {"probe_in_play_frames": int(ball.sum()), "ball_kept": float(kept.mean()) if ball.any() else None,
             "ball_false": int((seen & ~ball).sum()), "ball_err_mean_px": float(dist.mean()) if dist.size else None,
             "ball_err_max_px": float(dist.max()) if dist.size else None,
             "paddle_err_max_px": float(np.nan_to_num(paddle, nan=np.inf).max()) if paddle.size else None,
-            "bricks_exact": float((rec["bricks_left"] == real["bricks_left"]).mean())}
+            "bricks_exact": float((e["bricks_abs_err"] == 0).mean())}
 
 
 @torch.inference_mode()

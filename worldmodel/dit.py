@@ -329,10 +329,11 @@ class CausalDiT(nn.Module):
         prev = cache.prev[:, None].expand_as(x) if self.cfg.uses_prev else None  # (B, F, C, h, w)
         out, feats = self._body(self.tokens(x, t, prev), self.condition(t, actions), cache.attend)
         v = self.velocity_out(out, x, t, prev)
+        last = x[:, -1] if self.cfg.uses_prev else None  # the next chunk's previous frame, where the network reads one
         if isinstance(commit, torch.Tensor):
-            cache.commit(commit, last_frame=x[:, -1])
+            cache.commit(commit, last_frame=last)
         elif commit:
-            cache.commit(last_frame=x[:, -1])
+            cache.commit(last_frame=last)
         return v, self.read_heads(feats)
 
     def new_cache(self, batch: int) -> KVCache:
