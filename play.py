@@ -28,6 +28,7 @@ import numpy as np
 
 from envs.player import keymap
 from envs.player.adapter import PlayAdapter
+from worldmodel import cli
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODEL = ASSETS / "breakout"
@@ -48,20 +49,20 @@ class PlayError(Exception):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(prog="python play.py", description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:3]))
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="world-model folder, a training run holding model/, or a game (Breakout) or folder name in assets/")
     p.add_argument("--steps", type=int, default=None, help="denoising steps per frame (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="action guidance scale (default: the model's)")
     p.add_argument("--fps", type=float, default=None, help="agent steps per second (default: the game's real pace, 15 for Atari)")
     p.add_argument("--scale", type=int, default=8, help="window (and --headless video) pixels per model pixel, nearest-neighbour")
-    p.add_argument("--seed", type=int, default=0, help="seed of the start frames and the model's noise")
+    p.add_argument("--seed", type=cli.seed, default=0, help="seed of the start frames and the model's noise")
     p.add_argument("--replay", default=None, metavar="FILE", help="replay a saved action list (.npy, .txt, .json, or a recording's .npz), then the keys take over")
     p.add_argument("--headless", type=int, default=None, metavar="N", help="no window: run N steps of a random policy (or --replay), write --video, print the speed")
     p.add_argument("--video", default="play.mp4", help="video written by --headless")
     p.add_argument("--record", action="store_true", help="record from the start (the window: R toggles; --headless: also write a recording)")
     p.add_argument("--record-dir", default="recordings", help="where recordings go (FOLDER/<game>_<time>.mp4/.npz/.json)")
-    p.add_argument("--device", default="cpu", help="torch device of the model")
+    p.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda, cuda:N, mps, or auto: CUDA when torch sees a GPU)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="precision of the model (bfloat16: faster on CPUs with native bf16 and on GPUs)")
     args = p.parse_args(argv)
     args.command = " ".join(["python play.py", *(sys.argv[1:] if argv is None else argv)])  # noted in recordings
@@ -75,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--scale must be >= 1, got {args.scale}")
     if args.headless is not None and args.headless < 1:
         p.error(f"--headless N runs N >= 1 steps, got {args.headless}")
+    args.device = cli.check_device(p, args.device)
     return args
 
 
@@ -95,18 +97,27 @@ def resolve_model(spec: str) -> Path:
     if not path.exists() and len(path.parts) == 1:  # a bare name: a folder in assets/, or a game
         if (ASSETS / spec / "config.json").is_file():
             return ASSETS / spec
-        games = [folder for folder, game in shipped_models() if game.lower() == spec.lower()]
-        if games:  # the folder named after the game first (breakout, then breakout_student)
-            return sorted(games, key=lambda f: (f.name.lower() != spec.lower(), f.name))[0]
+        folder = game_folder(spec, shipped_models())
+        if folder is not None:
+            return folder
     why = "does not exist" if not path.exists() else "is not a world-model folder (no config.json)"
     raise PlayError(f"no world model at {spec!r}: the folder {why}, and it is not a game or folder name in assets/\n{available_models()}")
+
+
+def game_folder(game: str, models: list[tuple[Path, str]]) -> Path | None:
+    """The folder --model GAME loads: of the shipped models of that game, the folder named after it first
+    (breakout, then breakout_teacher), else the first by name."""
+    folders = [folder for folder, g in models if g.lower() == game.lower()]
+    return min(folders, key=lambda f: (f.name.lower() != game.lower(), f.name)) if folders else None
 
 
 def available_models() -> str:
     models = shipped_models()
     if not models:
         return f"no world-model folders in {ASSETS}; train one (README: Train it yourself) and pass --model FOLDER"
-    return f"world-model folders in {ASSETS}:\n" + "\n".join(f"  {folder}  ({game}: --model {game})" for folder, game in models)
+    # suggest the game name only for the folder it loads; the folder's own name works for every one
+    return f"world-model folders in {ASSETS}:\n" + "\n".join(
+        f"  {folder}  ({game}: --model {game if game_folder(game, models) == folder else folder.name})" for folder, game in models)
 
 
 def make_adapter(args: argparse.Namespace, model: Path, random_policy: bool = False) -> PlayAdapter:
@@ -370,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     except PlayError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # worldmodel.runtime.NonFiniteError: the model broke mid-play; say so instead of drawing black frames
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C in the terminal: a recording in progress was written on the way out
         return 130
 

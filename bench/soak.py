@@ -47,6 +47,7 @@ from typing import Any, Callable
 import numpy as np
 
 from bench.memory import maxrss_mib, status_mib
+from worldmodel import cli
 
 REPORT_STEP = 1000  # always a row here (when steps >= 1000): the summary's "RSS at 1k"
 PROBE_BATCH = 64  # frames probed at once: ~6x cheaper per frame than one by one (measured fastest at 32-64), ~3 MiB of temporaries
@@ -388,14 +389,14 @@ def check_model(p: argparse.ArgumentParser, name: str, path: Path, start: int) -
 def main(argv: list[str] | None = None) -> int:
     from envs.world_env import DEFAULT_MODEL
 
-    p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
     p.add_argument("--model", action="append", metavar="NAME=PATH",
                    help=f"world-model folder, repeatable; a plain PATH is named after its folder (default: {DEFAULT_MODEL})")
     p.add_argument("--denoise-steps", type=int, default=None, help="denoising steps per chunk (default: the model's)")
     p.add_argument("--steps", type=int, default=10000, help="steps to play without resetting")
     p.add_argument("--every", type=int, default=500, help="steps between rows (there is also one at step 1000 and at the end)")
     p.add_argument("--start", type=int, default=0, help="index of the start context in the model's start_frames.npz")
-    p.add_argument("--seed", type=int, default=0, help="seeds the policy and the model's noise")
+    p.add_argument("--seed", type=cli.seed, default=0, help="seeds the policy and the model's noise")
     p.add_argument("--out", default="soak.json", help="JSON results file")
     p.add_argument("--plot", default=None, help="PNG of RSS, layout-ok rate, paddle-found rate and flicker over steps")
     p.add_argument("--frames", default=None, help="PNG contact sheet: the newest frame at every row, one line per model")

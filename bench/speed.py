@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from bench.memory import maxrss_mib, status_mib
+from worldmodel import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STUDENT = ROOT / "assets" / "breakout"
@@ -325,21 +326,21 @@ def print_report(report: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter,
                                 epilog="See the module docstring (python -m pydoc bench.speed) for what is measured and how.")
     p.add_argument("--student", default=str(DEFAULT_STUDENT), help="student world-model folder ('' to leave it out)")
     p.add_argument("--teacher", default=str(DEFAULT_TEACHER), help="teacher world-model folder ('' to leave it out)")
     p.add_argument("--student-steps", type=int, nargs="+", default=[1, 2, 4], help="student denoising steps to measure")
     p.add_argument("--teacher-steps", type=int, default=None, help="teacher denoising steps (default: its own, i.e. full)")
     p.add_argument("--modes", type=parse_mode, nargs="+", default=["single", "vec1", "vec8", "vec64"], help="single and/or vecN")
-    p.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"], help="precisions to measure")
     p.add_argument("--baseline", action="store_true", help="also measure the float32 plain path (fast/plain ratios)")
     p.add_argument("--steps", type=int, default=40, help="env steps per timed block, single env")
     p.add_argument("--vec-steps", type=int, default=6, help="batched steps per timed block, vector env")
     p.add_argument("--repeats", type=int, default=5, help="timed blocks per configuration (medians over them)")
     p.add_argument("--warmup", type=int, default=12, help="untimed steps before timing (enough to fill the rolling window)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:N, mps or auto)")
+    p.add_argument("--seed", type=cli.seed, default=0, help="seeds the actions and the models' noise")
     p.add_argument("--no-memory", action="store_true", help="skip the per-configuration peak-memory subprocesses")
     p.add_argument("--out", default="speed.json", help="JSON results file")
     args = p.parse_args(argv)
@@ -352,8 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{flag} {path!r} is not a world-model folder (no config.json)")
     if not args.student and not args.teacher:
         p.error("nothing to measure: both --student and --teacher are empty")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device} asked for but CUDA is not available")
+    args.device = cli.check_device(p, args.device)
 
     report = measure(args)
     student_default = None

@@ -21,6 +21,7 @@ import torch
 
 from envs.vector_env import WorldModelVectorEnv
 from envs.world_env import DEFAULT_MODEL
+from worldmodel import cli
 
 DEFAULT_N = (1, 2, 4, 8, 16, 32, 64)
 
@@ -47,19 +48,20 @@ def measure(model: str, n: int, steps: int, repeats: int, warmup: int, denoise_s
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.vector_throughput", description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="world-model folder")
     p.add_argument("--n", type=int, nargs="+", default=list(DEFAULT_N), help="numbers of worlds to measure")
     p.add_argument("--steps", type=int, default=20, help="batched steps per timed run")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per N (the median is reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--denoise-steps", type=int, default=None, help="denoising steps per chunk (default: the model's)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:N, mps or auto)")
+    p.add_argument("--seed", type=cli.seed, default=0, help="seeds the actions and the model's noise")
     p.add_argument("--out", default="vector_throughput.json", help="JSON results file")
     args = p.parse_args(argv)
     if min(args.n) < 1 or args.steps < 1 or args.repeats < 1 or args.warmup < 0:
         p.error("--n values, --steps and --repeats must be >= 1, --warmup >= 0")
+    args.device = cli.check_device(p, args.device)
     results = []
     print(f"{'N':>4} {'env steps/s':>12} {'batch steps/s':>14} {'ms/batch step':>14}")
     for n in args.n:

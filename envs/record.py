@@ -11,7 +11,8 @@ frame size). Policies: `random` (envs.policies.PersistentRandom: uniform random 
 emulator's RAM, which a world model does not have), `actions:FILE` (replay a saved action list: .npy, .txt
 of whitespace- or comma-separated integers, .json list (or {"actions": [...]}), or a recording's .npz, whose
 -1 start rows are skipped; every episode replays it from the start and stops when it runs out).
-Episode k goes to OUT/episode_{k:04d}.mp4/.npz/.json and is reset with seed SEED + k.
+Episode k goes to OUT/episode_{k:04d}.mp4/.npz/.json and is reset with seed SEED + k. An OUT that already
+holds episodes (an earlier run) is refused rather than partly overwritten: pick another --out, or delete them.
 """
 from __future__ import annotations
 
@@ -23,25 +24,38 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 
+from worldmodel import cli
+
 REAL_PREFIX = "real:"
+NPY_MAGIC = b"\x93NUMPY"  # how every .npy file starts
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring (python -m pydoc envs.record) for the policies and the layout.")
+    p = argparse.ArgumentParser(prog="python -m envs.record", description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter,
+                                epilog="See the module docstring (python -m pydoc envs.record) for the policies and the layout.")
     p.add_argument("--env", default="worldmodel/Breakout-v0", help="a registered world-model id, or real:<Game> for the real emulator")
     p.add_argument("--model", default=None, help="world-model folder (overrides the id's; for real:<Game>, sets the frame size)")
     p.add_argument("--policy", default="random", help="random | scripted | actions:FILE")
-    p.add_argument("--episodes", type=int, default=1)
+    p.add_argument("--episodes", type=int, default=1, help="episodes to record")
     p.add_argument("--max-steps", type=int, default=1000, help="steps per episode at most (the time limit)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="recordings", help="output folder")
+    p.add_argument("--seed", type=cli.seed, default=0, help="episode k is reset with seed SEED + k (the policy is seeded SEED)")
+    p.add_argument("--out", default="recordings", help="output folder (new, or one without episodes: an earlier run is not overwritten)")
     p.add_argument("--fps", type=float, default=15.0, help="video frame rate (15: Atari real time)")
     p.add_argument("--scale", type=int, default=4, help="video pixels per frame pixel")
+    p.add_argument("--device", default="cpu", help="torch device of the world model (cpu, cuda, cuda:N, mps or auto; real:<Game> uses none)")
     args = p.parse_args(argv)
     if args.episodes < 1 or args.max_steps < 1 or args.fps <= 0 or args.scale < 1:
         p.error("--episodes and --max-steps must be >= 1, --fps > 0 and --scale >= 1")
     if args.policy not in ("random", "scripted") and not args.policy.startswith("actions:"):
         p.error(f"--policy must be random, scripted or actions:FILE, got {args.policy!r}")
+    args.device = cli.check_device(p, args.device)
+    from envs.recording import existing_episodes
+
+    earlier = existing_episodes(args.out)
+    if earlier:
+        held = earlier[0].name if len(earlier) == 1 else f"{earlier[0].name} ... {earlier[-1].name}"
+        p.error(f"--out {args.out} already holds {len(earlier)} episode{'s' if len(earlier) > 1 else ''} of an earlier run ({held} .mp4/.npz/.json), "
+                "which this run would overwrite in part; choose another --out folder, or delete those files first")
     return args
 
 
@@ -65,7 +79,7 @@ def make_env(args: argparse.Namespace) -> tuple[gym.Env, dict]:
     ids = registered_ids()
     if args.env not in ids:
         raise ValueError(f"unknown env {args.env!r}; registered world-model ids: {', '.join(ids) or 'none'}; or real:<Game> (e.g. real:Breakout)")
-    env = gym.make(args.env, max_episode_steps=args.max_steps, **({"model": args.model} if args.model else {}))
+    env = gym.make(args.env, max_episode_steps=args.max_steps, device=args.device, **({"model": args.model} if args.model else {}))
     return env, {"game": env.unwrapped.wm.info["game"], "real": False}
 
 
@@ -81,6 +95,9 @@ def load_actions(spec: str, num_actions: int) -> np.ndarray:
             actions = load_recording(path).actions
             actions = actions[actions >= 0]  # skip the start rows
         elif path.suffix == ".npy":
+            with open(path, "rb") as f:
+                if f.read(len(NPY_MAGIC)) != NPY_MAGIC:  # else numpy calls it pickled data
+                    raise ValueError(f"{spec!r} is not a .npy array file (np.save writes one; an action list as text goes in a .txt file)")
             actions = np.load(path, allow_pickle=False)
         elif path.suffix == ".json":
             data = json.loads(path.read_text())
@@ -169,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = record(args)
-    except (CheckpointError, ValueError, OSError) as e:
+    except (CheckpointError, ValueError, OSError, FloatingPointError) as e:  # FloatingPointError: worldmodel.runtime.NonFiniteError
         sys.exit(f"error: {e}")
     for s in summary:
         print(f"{s['path']}.mp4/.npz/.json: {s['steps']} steps, return {s['return']:.1f}, ended by {s['end']}")

@@ -27,7 +27,8 @@ with action -1.
     load_recording("out/run").actions
 
 `RecordRollouts` wraps any env here (a world-model env, or the real game from `envs.games.make_game`
-with frames as observations) and records every episode to `{directory}/episode_{k:04d}`.
+with frames as observations) and records every episode to `{directory}/episode_{k:04d}`; it refuses a
+directory that already holds episodes, which it would overwrite in part.
 """
 from __future__ import annotations
 
@@ -66,6 +67,14 @@ class Recording:
     def steps(self) -> int:
         """Env steps recorded (rows with an action)."""
         return int((self.actions >= 0).sum())
+
+
+def existing_episodes(directory: str | os.PathLike) -> list[Path]:
+    """The path stems of the `RecordRollouts` episodes already in `directory` (episode_0000, ...), sorted; [] if none."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted({recording_path(f) for f in directory.glob("episode_*") if f.suffix in SUFFIXES and f.is_file()})
 
 
 def recording_path(path: str | os.PathLike) -> Path:
@@ -184,11 +193,16 @@ def load_recording(path: str | os.PathLike) -> Recording:
     npz, js = stem.with_suffix(".npz"), stem.with_suffix(".json")
     if not npz.is_file():
         raise FileNotFoundError(f"no recording at {str(stem)!r}: {str(npz)!r} does not exist")
+    if not zipfile.is_zipfile(npz):  # else numpy tries it as a pickle and reports "pickled data"
+        raise ValueError(f"recording {str(npz)!r} is not an npz archive (a zip of .npy arrays, as np.savez writes)")
     try:
         with np.load(npz, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise ValueError(f"recording {str(npz)!r} is corrupt: {e}") from None
+    for k, a in arrays.items():
+        if not isinstance(a, np.ndarray):  # np.load hands back the raw bytes of a member that is no .npy
+            raise ValueError(f"recording {str(npz)!r} is corrupt: {k!r} is not an array")
     missing = set(ARRAYS) - set(arrays)
     if missing:
         raise ValueError(f"recording {str(npz)!r} lacks {sorted(missing)} (has {sorted(arrays)})")
@@ -226,6 +240,10 @@ class RecordRollouts(gym.Wrapper):
     def __init__(self, env: gym.Env, directory: str | os.PathLike, fps: float = 15, scale: int = 4, meta: dict[str, Any] | None = None) -> None:
         super().__init__(env)
         self.directory = Path(directory)
+        earlier = existing_episodes(self.directory)
+        if earlier:
+            raise FileExistsError(f"{str(self.directory)!r} already holds {len(earlier)} recorded episode(s) ({earlier[0].name}, ...), "
+                                  "which recording there would overwrite in part; record to another directory")
         self.fps = fps
         self.scale = scale
         self.extra_meta = dict(meta or {})

@@ -6,8 +6,9 @@ shipped model), else `worldmodel/<Game>-<rest>-v0`, where <rest> is the folder n
 and separator dropped ("breakout_student" or "student" -> `worldmodel/Breakout-student-v0`). Each id makes
 `envs.world_env:WorldModelEnv` with a TimeLimit of `MAX_EPISODE_STEPS`, and `gymnasium.make_vec(id, N,
 vectorization_mode="vector_entry_point")` makes `envs.vector_env:WorldModelVectorEnv` (N worlds in one
-batched forward). Entry points are strings, so registering reads a few small JSON files and imports no model
-code. Registering again is a no-op.
+batched forward); "async" and "sync" work too (a forked async worker runs torch on one thread, see
+`envs.world_env.load_world_model`). Entry points are strings, so registering reads a few small JSON files
+and imports no model code. Registering again is a no-op.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ Seeding: world i keeps its own `np.random.Generator`; `reset(seed=s)` seeds worl
 gives one seed per world), and each (auto)reset draws that world's start context and noise seed from it
 exactly as `WorldModelEnv.reset` does. So world i follows the same frames as a `WorldModelEnv` reset with
 seed s + i, given the same actions, and reset again with no seed after each episode end (up to float
-rounding of batched against single forwards).
+rounding of batched against single forwards: a frame value may differ by a grey level, see the README).
 """
 from __future__ import annotations
 

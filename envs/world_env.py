@@ -11,8 +11,9 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch
 
-from worldmodel.runtime import WorldModel, load_start_frames
+from worldmodel.runtime import WorldModel, load_start_frames, resolve_device
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_MODEL = ASSETS / "breakout"
@@ -20,6 +21,7 @@ EMULATOR_HZ = 60  # Atari frames per second; one agent step is `frameskip` of th
 DEFAULT_FRAMESKIP = 4  # for model folders whose config.json does not say
 WINDOW_SCALE = 8  # render_mode="human": window pixels per model pixel
 NOISE_SEED_BOUND = 2**63  # noise seeds are drawn from [0, 2**63) by the env's np_random
+IMPORT_PID = os.getpid()  # the process that imported this module; an env built under another pid is in a fork() of it
 
 
 class WorldModelEnv(gym.Env):
@@ -89,7 +91,8 @@ class WorldModelEnv(gym.Env):
     - `frame_stack`: frames per observation (1: (H, W, 3); k > 1: (k, H, W, 3), newest last).
     - `render_mode`: None, "rgb_array" (`render()` returns the newest frame) or "human" (a pygame window,
       scaled up 8x nearest-neighbour, at `metadata["render_fps"]`).
-    - `device`: torch device of the model ("cpu").
+    - `device`: torch device of the model ("cpu"; "cuda", "cuda:N", "mps", or "auto": CUDA when torch sees a GPU).
+      A device this torch build cannot use is refused with a ValueError that says why.
     - `dtype`: precision of the model ("float32", or "bfloat16" / "float16"; see `WorldModel.load`).
     - `context`: start frames to use from each shipped start context (None: all of them).
     - `end_threshold`: episode-end probability above which the episode terminates (0.5).
@@ -206,8 +209,14 @@ class WorldModelEnv(gym.Env):
 # ----- shared with the vector env -----
 def load_world_model(model: Path, *, steps: int | None, guidance: float | None, device: str, batch: int, context: int | None, dtype: str = "float32") -> tuple[WorldModel, np.ndarray, np.ndarray]:
     """The runtime for `batch` worlds and the folder's start contexts cut to their last `context` frames:
-    frames (K, context, H, W, 3) uint8, actions (K, context)."""
-    wm = WorldModel.load(model, device=device, steps=steps, guidance=guidance, batch=batch, dtype=dtype)
+    frames (K, context, H, W, 3) uint8, actions (K, context). Refuses a device this torch cannot use (ValueError)."""
+    dev = resolve_device(device)
+    if os.getpid() != IMPORT_PID:
+        # important: a fork() child (AsyncVectorEnv's workers under Linux's default start method, forked after the
+        # parent built an env) inherits torch's OpenMP thread pool without its threads, and its first parallel op
+        # hangs forever. One thread never enters the pool (PyTorch's DataLoader workers do the same).
+        torch.set_num_threads(1)
+    wm = WorldModel.load(model, device=dev, steps=steps, guidance=guidance, batch=batch, dtype=dtype)
     frames, actions = load_start_frames(model / "start_frames.npz")
     T, Fc = frames.shape[1], wm.frames_per_chunk
     if frames.shape[2:] != wm.frame_shape:

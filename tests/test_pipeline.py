@@ -3,7 +3,6 @@ runtime on what they produced. One small dataset is recorded once per session.""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from worldmodel.checkpoint import CheckpointError
 from worldmodel.runtime import WorldModel
 
-from tests.conftest import ROOT, TEACHER, run, torchrun
+from tests.conftest import TEACHER, run, torchrun
 
 
 def test_teacher_outputs_and_resume(teacher, data, tokenizer):

@@ -231,6 +231,25 @@ def test_missing_model_lists_the_shipped_ones(tmp_path):
     clean_error(run_play("--model", str(tmp_path / "empty")), "is not a world-model folder")
 
 
+def test_model_list_suggests_values_that_work():
+    """Every `--model X` the list of shipped models suggests loads the folder on its line."""
+    lines = [line for line in play.available_models().splitlines() if "--model " in line]
+    assert len(lines) == len(play.shipped_models()) >= 2
+    for line in lines:
+        folder, suggestion = line.split()[0], line.split("--model ")[1].rstrip(")")
+        assert str(play.resolve_model(suggestion)) == folder, line
+
+
+def test_replay_file_that_is_not_an_array_file(model, tmp_path):
+    """Text under an .npz or .npy name is reported as not that kind of file (numpy would say "pickled data")."""
+    for suffix, message in ((".npz", "is not an npz archive"), (".npy", "is not a .npy array file")):
+        fake = tmp_path / f"actions{suffix}"
+        fake.write_text("1 2 3\n")
+        p = run_play("--model", str(model), "--headless", "2", "--replay", str(fake))
+        clean_error(p, message, str(fake))
+        assert "pickle" not in p.stderr, p.stderr
+
+
 def test_model_by_game_or_run_folder(teacher):
     assert play.resolve_model("Breakout") == play.resolve_model("breakout") == ROOT / "assets" / "breakout"
     assert play.resolve_model(str(teacher)) == teacher / "model"  # a training run: its exported model

@@ -2,7 +2,9 @@
 game, and the `python -m envs.record` command end to end."""
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 
 import cv2
 import gymnasium as gym
@@ -18,6 +20,14 @@ from tests.conftest import run
 
 def random_frames(rng, n, size=(16, 24)):
     return rng.integers(1, 256, size=(n, *size, 3), dtype=np.uint8)
+
+
+def zip_of(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return buf.getvalue()
 
 
 def test_recording_reads_back_exactly(tmp_path):
@@ -81,9 +91,18 @@ def test_recorder_and_loader_refuse_bad_input(tmp_path):
     assert RolloutRecorder(tmp_path / "empty").close() is None and not list(tmp_path.glob("empty*"))
     with pytest.raises(FileNotFoundError, match="no recording at"):
         load_recording(tmp_path / "missing")
-    (tmp_path / "corrupt.npz").write_bytes(b"not a zip")
+    (tmp_path / "text.npz").write_text("1 2 3\n")  # not a zip, which numpy would report as pickled data
+    with pytest.raises(ValueError, match="is not an npz archive"):
+        load_recording(tmp_path / "text")
+    np.savez(tmp_path / "corrupt.npz", frames=random_frames(rng, 2))
+    data = bytearray((tmp_path / "corrupt.npz").read_bytes())
+    data[200] ^= 0xFF  # inside the stored frames: the zip's CRC no longer matches
+    (tmp_path / "corrupt.npz").write_bytes(bytes(data))
     with pytest.raises(ValueError, match="is corrupt"):
         load_recording(tmp_path / "corrupt")
+    (tmp_path / "member.npz").write_bytes(zip_of({f"{k}.npy": b"not an array" for k in ("frames", "actions", "rewards", "terminated", "truncated")}))
+    with pytest.raises(ValueError, match="is corrupt: 'frames' is not an array"):
+        load_recording(tmp_path / "member")
     np.savez(tmp_path / "short.npz", frames=random_frames(rng, 2), actions=np.array([-1, 0]), rewards=np.zeros(2, np.float32),
              terminated=np.zeros(2, bool), truncated=np.zeros(3, bool))
     with pytest.raises(ValueError, match=r"truncated must be bool of shape \(2,\)"):
@@ -172,3 +191,26 @@ def test_record_command_refuses_bad_input(teacher, tmp_path):
     for args, message in cases:
         p = run("-m", "envs.record", *args, "--out", str(tmp_path / "o"), ok=False)
         assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
+
+
+def test_record_command_keeps_an_earlier_run(tmp_path):
+    """--out holding episodes of an earlier run: refused (exit 2, naming --out and what is there), nothing rewritten;
+    the wrapper itself refuses such a folder too."""
+    rng = np.random.default_rng(5)
+    out = tmp_path / "rec"
+    for k in range(3):
+        rec = RolloutRecorder(out / f"episode_{k:04d}")
+        rec.add(random_frames(rng, 1)[0], -1)
+        rec.add(random_frames(rng, 1)[0], 1, 1.0)
+        rec.close()
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    p = run("-m", "envs.record", "--env", "real:Breakout", "--max-steps", "2", "--out", str(out), ok=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stdout + p.stderr
+    assert "--out" in p.stderr and str(out) in p.stderr and "3 episodes" in p.stderr and "episode_0000" in p.stderr, p.stderr
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    with pytest.raises(FileExistsError, match="episode_0000"):
+        RecordRollouts(FrameObservation(make_game("Breakout"), (64, 64)), out)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not a recording")  # a folder without episodes is fine
+    run("-m", "envs.record", "--env", "real:Breakout", "--max-steps", "2", "--out", str(tmp_path / "other"))
+    assert load_recording(tmp_path / "other" / "episode_0000").steps == 2 and (tmp_path / "other" / "notes.txt").is_file()

@@ -247,7 +247,7 @@ def test_cli_bad_input_is_a_clear_error(tmp_path, capsys):
     assert exit_info.value.code != 0 and "is not a folder" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         train_main(["--data", str(tmp_path), "--out", str(tmp_path / "r"), "--steps", "-1"])
-    assert exit_info.value.code != 0 and "--steps must be >= 0" in capsys.readouterr().err
+    assert exit_info.value.code != 0 and "--steps must be >= 1" in capsys.readouterr().err
     assert train_main(["--data", str(tmp_path), "--out", str(tmp_path / "r")]) != 0  # a folder, but no dataset
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "meta.json" in err and "Traceback" not in err

@@ -16,6 +16,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from worldmodel import cli
+
 CLIP_KEYS = ("source", "episodes", "context_frames", "horizon")
 AT = (1, 4, 8)
 
@@ -112,7 +114,7 @@ def plot(rs: list[dict], first: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.ablation", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m train.ablation", description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
     p.add_argument("--eval", action="append", required=True, metavar="DIR", help="a train.evaluate output folder (repeatable; same clips)")
     p.add_argument("--out", required=True, help="folder for table.md and ablation.png")
     args = p.parse_args(argv)

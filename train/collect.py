@@ -7,26 +7,71 @@ seed at the shard's first episode, each episode's policy rng comes from (seed, s
 the same command writes byte-identical arrays, and a killed run resumes by recording the missing shards.
 Each split records whole episodes until its step budget is reached (the last shard may hold fewer
 episodes; a split overshoots its budget by less than one episode).
+
+A run locks its --out folder (`.collect.lock`, which names the holder), so a second run there stops at once.
+Shards already on disk are read back before they are reused: one that does not read, or does not hold what
+meta.json says, is reported, kept as `shard_k.npz.corrupt` and recorded again (identical, by the seeding).
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
+import math
+import os
+import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import gymnasium as gym
 import numpy as np
 from tqdm import tqdm
 
-from envs.dataset import (FORMAT_VERSION, SPLITS, TMP_SUFFIX, ShardWriter, episodes, load_shard, read_meta,
-                          shard_name, split_dir, write_meta)
+from envs.dataset import (FORMAT_VERSION, SPLITS, TMP_SUFFIX, ShardWriter, episodes, list_shards, load_shard,
+                          read_meta, shard_name, split_dir, write_meta)
 from envs.games import (ALE_NAMESPACE, action_meanings, game_frame, game_ram, make_game, preprocess_frame,
                         resolve_env_id)
 from envs.policies import Policy, make_behaviour_policy
+from worldmodel import cli
 
 FRAMES_PER_STEP = 1  # one stored frame per agent step: see envs/games.py for why
 SPLIT_SEED_KEYS = {"train": 0, "heldout": 1}  # disjoint seed streams for the two splits
+SHARD_KEYS = ("frames", "actions", "rewards", "terminated", "truncated", "first", "episode")  # + "ram" (ALE games)
+LOCK_FILE = ".collect.lock"  # in --out: held (flock) by the run writing there, names it
+HELDOUT_FRACTION, MAX_DEFAULT_HELDOUT_STEPS = 0.1, 20_000  # the default --heldout-steps: 10% of --steps, capped
+
+
+class OutFolderError(RuntimeError):
+    """--out cannot be written, or another train.collect is writing it; one line, exit status 2."""
+
+
+def lock_out(out: Path) -> IO[str]:
+    """Create `out` and lock it for as long as the returned file stays open (non-blocking: a folder another
+    run holds is an OutFolderError naming that run). Two runs on one folder would race on the shard renames."""
+    if out.exists() and not out.is_dir():
+        raise OutFolderError(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        f = open(out / LOCK_FILE, "a+")
+    except OSError as err:
+        raise OutFolderError(f"--out {out} cannot be created or written ({err.strerror}: {err.filename})") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        f.seek(0)
+        holder = f.read().strip() or "it has not written its name yet"
+        f.close()
+        if isinstance(err, BlockingIOError):
+            raise OutFolderError(f"--out {out} is being written by another train.collect ({holder}); wait for it to "
+                                 f"finish, or use another --out") from None
+        raise OutFolderError(f"--out {out}: cannot lock {out / LOCK_FILE} ({err.strerror})") from None
+    f.seek(0)
+    f.truncate()  # the last holder's name
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
 
 
 @dataclass
@@ -123,6 +168,46 @@ def summarize_shard(path: Path) -> dict:
             "return": float(shard["rewards"].sum())}
 
 
+def shard_problem(path: Path, settings: dict, steps: int | None) -> str | None:
+    """Why a shard on disk cannot be kept, or None: it must read back whole (zip CRCs checked), hold the arrays
+    record_episode writes, all of one length, with the dataset's frame size, start at an episode's first row,
+    and hold the rows meta.json recorded for it (`steps`; None when meta.json does not list it)."""
+    try:
+        shard = load_shard(path)
+        episodes(shard)  # raises when the first row is not an episode's first
+    except ValueError as err:
+        return f"{type(err.__cause__).__name__}: {err.__cause__}" if err.__cause__ else str(err)
+    expected = set(SHARD_KEYS) | ({"ram"} if settings["has_ram"] else set())
+    if set(shard) != expected:
+        return f"it holds the arrays {sorted(shard)}, not {sorted(expected)}"
+    rows = len(shard["actions"])
+    frames = shard["frames"]
+    if frames.dtype != np.uint8 or frames.shape != (rows, *settings["frame_size"], 3):
+        return f"its frames are {frames.dtype} {frames.shape}, not uint8 {(rows, *settings['frame_size'], 3)}"
+    if steps is not None and rows != steps:
+        return f"it holds {rows} rows where meta.json recorded {steps}"
+    return None
+
+
+def set_aside_bad_shards(out: Path, settings: dict, meta: dict | None) -> None:
+    """Check every shard on disk; a bad one is renamed `shard_k.npz.corrupt` (kept, not deleted) and reported,
+    so the run records it again: shard k depends only on (seed, split, k), so the new one is the one intended."""
+    for split in SPLITS:
+        if not split_dir(out, split).is_dir():
+            continue
+        recorded = {} if meta is None else {i["file"]: i["steps"] for i in meta["splits"][split]["shards"]}
+        for path in list_shards(out, split):
+            problem = shard_problem(path, settings, recorded.get(path.name))
+            if problem is None:
+                continue
+            aside, n = path.with_name(path.name + ".corrupt"), 1
+            while aside.exists():
+                aside, n = path.with_name(f"{path.name}.corrupt{n}"), n + 1
+            os.replace(path, aside)
+            print(f"warning: {split}/{path.name} cannot be used ({problem}); kept it as {split}/{aside.name} and "
+                  f"recording it again", file=sys.stderr)
+
+
 def split_summary(shards: list[dict], budget: int) -> dict:
     steps = sum(s["steps"] for s in shards)
     return {"shards": shards, "steps": steps, "episodes": sum(s["episodes"] for s in shards),
@@ -161,7 +246,13 @@ def check_resume(meta: dict, settings: dict, out: Path) -> None:
 
 
 def collect(cfg: CollectConfig) -> dict:
-    """Record (or finish recording) the dataset of `cfg`; returns the final meta.json contents."""
+    """Record (or finish recording) the dataset of `cfg` under the lock of its folder; returns the final
+    meta.json contents."""
+    with lock_out(cfg.out):
+        return record_dataset(cfg)
+
+
+def record_dataset(cfg: CollectConfig) -> dict:
     env = make_game(cfg.game, frameskip=cfg.frameskip, repeat_action_probability=cfg.sticky,
                     render_mode="rgb_array")
     settings = dataset_settings(cfg, env, make_behaviour_policy(cfg.game, env.action_space.n,
@@ -173,6 +264,8 @@ def collect(cfg: CollectConfig) -> dict:
         except ValueError as err:
             raise SystemExit(f"error: {err}") from err
         check_resume(old_meta, settings, cfg.out)
+    set_aside_bad_shards(cfg.out, settings, old_meta)
+    if old_meta is not None:
         if all(old_meta["splits"][s]["complete"] and all((split_dir(cfg.out, s) / i["file"]).is_file()
                                                          for i in old_meta["splits"][s]["shards"]) for s in SPLITS):
             print(f"dataset at {cfg.out} is already complete; nothing to do")
@@ -219,11 +312,12 @@ def print_summary(out: Path, meta: dict, recorded: int, seconds: float) -> None:
 
 
 def parse_args(argv: list[str] | None) -> CollectConfig:
-    parser = argparse.ArgumentParser(prog="python -m train.collect", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m train.collect", description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter)
     parser.add_argument("--game", default="Breakout", help="ALE game (Breakout, Pong, ...) or a Gymnasium env id")
     parser.add_argument("--out", type=Path, required=True, help="dataset directory (created; resumed if it exists)")
     parser.add_argument("--steps", type=int, default=200_000, help="train split budget in agent steps (rows)")
-    parser.add_argument("--heldout-steps", type=int, default=20_000, help="held-out split budget in agent steps")
+    parser.add_argument("--heldout-steps", type=int, default=None,
+                        help=f"held-out split budget in agent steps (default: {100 * HELDOUT_FRACTION:.0f}%% of --steps, at most {MAX_DEFAULT_HELDOUT_STEPS:,d})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=64, help="frames are resized to SIZE x SIZE")
     parser.add_argument("--episodes-per-shard", type=int, default=8)
@@ -234,6 +328,8 @@ def parse_args(argv: list[str] | None) -> CollectConfig:
     for name in ("steps", "size", "episodes_per_shard", "max_episode_steps", "frameskip"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.heldout_steps is None:
+        args.heldout_steps = min(MAX_DEFAULT_HELDOUT_STEPS, math.ceil(HELDOUT_FRACTION * args.steps))
     if args.heldout_steps < 0:
         parser.error(f"--heldout-steps must be >= 0, got {args.heldout_steps}")
     if not 0.0 <= args.sticky <= 1.0:
@@ -251,6 +347,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     try:
         collect(cfg)
+    except OutFolderError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     except ValueError as err:  # e.g. a game without RGB frames or Discrete actions
         raise SystemExit(f"error: {err}") from err
 

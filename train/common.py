@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from worldmodel.runtime import resolve_device
+
 
 @dataclass
 class Dist:
@@ -27,20 +29,18 @@ class Dist:
 
 
 def setup_dist(device: str = "auto") -> Dist:
-    """Join the process group when launched by torchrun (gloo on CPU, NCCL on GPUs); else a single process."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    """Join the process group when launched by torchrun (gloo on CPU, NCCL on GPUs); else a single process.
+    A device this torch cannot use (e.g. "cuda" on a CPU-only build) is a ValueError that says why."""
+    dev = resolve_device(device)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device == "cuda" else "gloo")
-        if device == "cuda":
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        if dev.type == "cuda":
             torch.cuda.set_device(local)
             dev = torch.device("cuda", local)
-        else:
-            dev = torch.device(device)
         return Dist(rank, world, local, dev)
-    return Dist(0, 1, 0, torch.device(device))
+    return Dist(0, 1, 0, dev)
 
 
 def cleanup_dist() -> None:
@@ -69,9 +69,14 @@ def all_reduce_mean(x: float, d: Dist) -> float:
 
 
 class Logger:
-    """Scalars to TensorBoard (`tensorboard --logdir RUN_DIR`) and to `RUN_DIR/log.jsonl`; rank 0 only."""
+    """Scalars to TensorBoard (`tensorboard --logdir RUN_DIR`) and to `RUN_DIR/log.jsonl`; rank 0 only.
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True) -> None:
+    `resume_step` is the step of the checkpoint the run resumed from (0: a fresh start). The rows a killed run
+    logged after that checkpoint are logged again by the resumed run, so they are dropped from log.jsonl and
+    purged from TensorBoard; a fresh start drops every old row (they belong to a run whose state is gone).
+    """
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, resume_step: int = 0) -> None:
         self.enabled = enabled
         self.tb = None
         self.jsonl = None
@@ -80,7 +85,9 @@ class Logger:
             run_dir.mkdir(parents=True, exist_ok=True)
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tb"))
+            truncate_log(run_dir / "log.jsonl", resume_step)
+            # TensorBoard hides the older events at steps >= purge_step (a step-0 row of a fresh start included)
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else 0)
             self.jsonl = open(run_dir / "log.jsonl", "a")
         self.t0 = time.time()
 
@@ -96,6 +103,24 @@ class Logger:
         if self.enabled:
             self.tb.close()
             self.jsonl.close()
+
+
+def truncate_log(path: Path, resume_step: int) -> None:
+    """Keep the rows of log.jsonl up to `resume_step` (none when it is 0), atomically: a temp file renamed over it.
+    A row cut short by a kill does not parse and is dropped too."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if resume_step and isinstance(row, dict) and row.get("step", resume_step + 1) <= resume_step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 @torch.no_grad()

@@ -31,6 +31,7 @@ from train.student import (
     Timer, add_common_args, check_common_args, check_data, command_line, export_student, fail, finite_or_raise, fixed_batch, hardware, head_loss,
     load_teacher, lr_at, pack_velocity, prepare_latents, psnr_latent_decoded, resume_or_start, save_state, sync_grads, tf_sample, windows,
 )
+from worldmodel import cli
 from worldmodel.attention import attention_backend
 from worldmodel.checkpoint import CheckpointError
 from worldmodel.flow import add_noise
@@ -38,7 +39,7 @@ from worldmodel.tokenizer import FrameTokenizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m train.consistency", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m train.consistency", description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
     add_common_args(p, steps=1000, lr=5e-5, batch=8)
     p.add_argument("--variant", choices=["dcm", "scm"], default="scm")
     p.add_argument("--grid", type=int, default=48, help="dCM: intervals of the discrete time grid")
@@ -50,13 +51,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_common_args(p, args)
     if args.grid < 2 or not 0 < args.min_level < 1 or not 0 <= args.ctx_noise < 1:
         p.error("--grid must be >= 2, --min-level in (0, 1), --ctx-noise in [0, 1)")
+    if args.tangent_warmup < 0:
+        p.error("--tangent-warmup must be >= 0 (0: no warm-up)")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out, teacher_dir = Path(args.out), Path(args.teacher)
-    d = setup_dist(args.device)
+    try:
+        d = setup_dist(args.device)
+    except ValueError as e:
+        return fail(f"--device: {e}")
     try:
         teacher, info = load_teacher(teacher_dir, d.device)
         meta = check_data(args, info)
@@ -75,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     ckpt = out / "checkpoint"
     try:
-        state = resume_or_start(ckpt, cfg, {"model": ema, "raw": student}, {"student": opt}, d.device, args.export_only)
+        state = resume_or_start(ckpt, cfg, {"model": ema, "raw": student}, {"student": opt}, d, args.export_only)
     except CheckpointError as e:
         return fail(f"cannot resume: {e}")
     step = int(state["step"])
@@ -83,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     train_args = argparse.Namespace(**state["args"]) if args.export_only else args
     if d.is_main and step:
         print(f"resumed from {ckpt} at step {step}")
-    log = Logger(out, enabled=d.is_main)
+    log = Logger(out, enabled=d.is_main, resume_step=step)
     if d.is_main and not args.export_only:
         write_json(out / "args.json", vars(args))
         print(f"consistency distillation ({args.variant}): {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters, {d.world_size} process(es) on {d.device}")

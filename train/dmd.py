@@ -35,6 +35,7 @@ from train.student import (
     Timer, add_common_args, check_common_args, check_data, command_line, export_student, fail, finite_or_raise, fixed_batch, hardware, head_loss,
     load_teacher, lr_at, pack_velocity, prepare_latents, psnr_latent_decoded, resume_or_start, save_state, sync_grads, windows,
 )
+from worldmodel import cli
 from worldmodel.checkpoint import CheckpointError
 from worldmodel.dit import CausalDiT
 from worldmodel.flow import sampling_levels, x0_from_velocity
@@ -44,7 +45,7 @@ from worldmodel.tokenizer import FrameTokenizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m train.dmd", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m train.dmd", description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
     add_common_args(p, steps=300, lr=2e-5, batch=8)
     p.add_argument("--init", default=None, help="world-model folder the student starts from (a stage-3 student); default: the teacher")
     p.add_argument("--critic-lr", type=float, default=1e-4)
@@ -103,7 +104,10 @@ def rollout(student: CausalDiT, latents: torch.Tensor, actions: torch.Tensor, co
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out, teacher_dir = Path(args.out), Path(args.teacher)
-    d = setup_dist(args.device)
+    try:
+        d = setup_dist(args.device)
+    except ValueError as e:
+        return fail(f"--device: {e}")
     try:
         teacher, info = load_teacher(teacher_dir, d.device)
         meta = check_data(args, info)
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     nets, opts = {"model": ema, "raw": student, "critic": critic}, {"student": opt_s, "critic": opt_c}
     ckpt = out / "checkpoint"
     try:
-        state = resume_or_start(ckpt, cfg, nets, opts, d.device, args.export_only)
+        state = resume_or_start(ckpt, cfg, nets, opts, d, args.export_only)
     except CheckpointError as e:
         return fail(f"cannot resume: {e}")
     step = int(state["step"])
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     train_args = argparse.Namespace(**state["args"]) if args.export_only else args
     if d.is_main and step:
         print(f"resumed from {ckpt} at step {step}")
-    log = Logger(out, enabled=d.is_main)
+    log = Logger(out, enabled=d.is_main, resume_step=step)
     if d.is_main and not args.export_only:
         write_json(out / "args.json", vars(args))
         print(f"self-forcing DMD: student from {args.init or 'the teacher'}, {d.world_size} process(es) on {d.device}")

@@ -121,7 +121,7 @@ def report(m: dict) -> str:
 def _glance(name: str, mm: dict, hold: dict, has_probe: bool, first: int) -> list[str]:
     """Fidelity at a glance: the probe at exact steps against hold-last, reward events and partial denoising
     over the first steps, and the contact sheet."""
-    lines = [f"**Fidelity at a glance** (free rollout under the real actions from real context; step h exactly, mean over episodes; "
+    lines = ["**Fidelity at a glance** (free rollout under the real actions from real context; step h exactly, mean over episodes; "
              "hold last = the last context frame held; ball dist where both show a ball):", ""]
     if has_probe:
         hs = list(mm["probe_exact_at"])

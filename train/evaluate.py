@@ -85,6 +85,7 @@ from train.eval_clips import POLICIES, heldout_clips, random_actions, record_cli
 from train.eval_metrics import (BALL_MATCH_PX, action_directions, events_reproduced, exact_horizons, mean_abs_diff, mse, nanmean, paddle_response,
                                 pooled, probe_errors, probe_exact_at, psnr_of, reward_scores, ssim, termination_scores)
 from train.eval_report import contact_sheet, plot_curves, report, side_by_side_video, slug, write_png
+from worldmodel import cli
 from worldmodel.checkpoint import CheckpointError, read_config
 from worldmodel.flow import add_noise
 from worldmodel.runtime import DTYPES, WorldModel
@@ -429,11 +430,11 @@ def jsonable(x):
 
 # ----- command line -----
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
     p.add_argument("--model", action="append", required=True, metavar="SPEC", help="PATH, PATH@STEPS or NAME=PATH@STEPS (a world-model folder), optionally ending in #bfloat16 or #float16; repeat for more models")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="dataset folder: clips from its held-out split")
-    src.add_argument("--record-seeds", type=int, nargs="+", metavar="SEED", help="record one episode per seed from the real emulator")
+    src.add_argument("--record-seeds", type=cli.seed, nargs="+", metavar="SEED", help="record one episode per seed from the real emulator")
     p.add_argument("--game", default=None, help="with --record-seeds: the game (default: the models')")
     p.add_argument("--policy", choices=POLICIES, default=None, help="with --record-seeds: who plays the clips (default behaviour: "
                    "train.collect's mix; scripted: the ball-keeping Breakout tracker; random: persistent random actions)")
@@ -443,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--horizon", type=int, default=64)
     p.add_argument("--steps", type=int, default=None, help="denoising steps of models whose SPEC has no @STEPS (default: the model's)")
     p.add_argument("--videos", type=int, default=2, help="side-by-side videos per model")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=cli.seed, default=0, help="seeds the clips of --data, the controllability actions and the models' noise")
     args = p.parse_args(argv)
     if args.episodes <= 0 or args.horizon <= 0 or args.context <= 0 or args.videos < 0:
         p.error("--episodes, --horizon and --context must be positive, --videos >= 0")

@@ -17,12 +17,23 @@ one process. Layout under RUN:
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+from worldmodel import cli
 from worldmodel.config import DIT_PRESETS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def stage_env() -> dict[str, str]:
+    """The stages' environment: this checkout first on the path and the working folder left off it (PYTHONSAFEPATH,
+    Python 3.11+), so a stray train.py or envs.py in the folder the pipeline runs from cannot shadow the stages."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "PYTHONSAFEPATH": "1"}
 
 STAGES = ("collect", "tokenizer", "teacher", "consistency", "dmd")
 
@@ -37,7 +48,7 @@ TINY = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m train.pipeline", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m train.pipeline", description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
     p.add_argument("--game", default="Breakout", help="ALE game name or Gymnasium id (see train.collect)")
     p.add_argument("--out", required=True, help="run folder holding every stage's output")
     p.add_argument("--preset", default=None, choices=sorted(DIT_PRESETS), help="DiT size (teacher and students); default small, tiny with --tiny")
@@ -121,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[stage {i} {name}] {shlex.join(full)}", flush=True)
         if args.dry_run:
             continue
-        rc = subprocess.call(full)
+        rc = subprocess.call(full, env=stage_env())
         if rc != 0:
             print(f"error: stage {i} ({name}) failed with exit code {rc}; fix the cause and re-run the same command to resume", file=sys.stderr)
             return rc

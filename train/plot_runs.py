@@ -11,23 +11,27 @@ import json
 import sys
 from pathlib import Path
 
+from worldmodel import cli
+
 
 def read_metric(run: Path, metric: str) -> tuple[list[int], list[float]]:
-    steps, values = [], []
+    # A step logged twice is the last row's: logs of runs resumed before train.common.Logger truncated them on
+    # resume repeat the steps between the checkpoint and the kill, and the later row is the resumed run's.
+    by_step: dict[int, float] = {}
     for line in (run / "log.jsonl").read_text().splitlines():
         row = json.loads(line)
         if metric in row and row[metric] is not None:
-            steps.append(int(row["step"]))
-            values.append(float(row[metric]))
-    return steps, values
+            by_step[int(row["step"])] = float(row[metric])
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.plot_runs", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m train.plot_runs", description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
     p.add_argument("--run", action="append", required=True, metavar="NAME=DIR", help="a run folder with log.jsonl (repeatable)")
     p.add_argument("--metric", action="append", required=True, help="metric key (repeatable: one panel each)")
     p.add_argument("--out", required=True, help="PNG path")
-    p.add_argument("--title", default="")
+    p.add_argument("--title", default="", help="figure title (default: %(default)r)")
     args = p.parse_args(argv)
     runs = []
     for item in args.run:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from envs.dataset import iter_windows, list_shards, read_meta
 from train.common import Dist, barrier
 from train.teacher import LATENT_KEYS, check_same_config, encode_split, start_contexts
-from worldmodel.checkpoint import CheckpointError, flatten_optimizer, load_into, load_tensors, read_config, read_state, recover, save_checkpoint, unflatten_optimizer
+from worldmodel.checkpoint import CheckpointError, flatten_optimizer, load_into, load_tensors, read_config, read_state, recover, remove_stale_temps, save_checkpoint, unflatten_optimizer
 from worldmodel.config import DiTConfig, SamplingConfig, to_dict
 from worldmodel.dit import CausalDiT, Heads
 from worldmodel.flow import guided, sampling_levels
@@ -81,13 +81,17 @@ def prepare_latents(args: argparse.Namespace, teacher_dir: Path, d: Dist) -> tup
     tok_dir = teacher_dir / "tokenizer"
     if args.latents:
         lat = Path(args.latents)
+        # checked here: list_shards' own hint names train.collect, which records frames, not latents
+        train = list_shards(lat, "train") if (lat / "train").is_dir() else []
+        if not train:
+            guess = f"did you mean --latents {lat / 'latents'}? " if (lat / "latents" / "train").is_dir() else ""
+            raise ValueError(f"--latents {lat} holds no latent shards (no train/shard_*.npz in it); {guess}train.teacher writes them "
+                             f"to TEACHER_RUN/latents (`python -m train.teacher --data DATA --tokenizer TOK_RUN/tokenizer --out TEACHER_RUN`), "
+                             f"or drop --latents to encode the data into {Path(args.out) / 'latents'}")
         stamp = lat / "tokenizer.json"
         if stamp.exists() and json.loads(stamp.read_text()) != read_config(tok_dir):
             raise ValueError(f"{lat} was encoded with another tokenizer than the teacher's; drop --latents")
-        paths = list_shards(lat, "train"), list_shards(lat, "heldout")
-        if not paths[0]:
-            raise ValueError(f"no latent shards in {lat}/train")
-        return paths
+        return train, list_shards(lat, "heldout") if (lat / "heldout").is_dir() else []
     lat = Path(args.out) / "latents"
     tok = FrameTokenizer.load(tok_dir, device=d.device).eval()
     lat.mkdir(parents=True, exist_ok=True)
@@ -198,10 +202,12 @@ def load_state(ckpt: Path, cfg: DiTConfig, nets: dict[str, torch.nn.Module], opt
     return state
 
 
-def resume_or_start(ckpt: Path, cfg: DiTConfig, nets: dict, opts: dict, device: torch.device, export_only: bool) -> dict:
+def resume_or_start(ckpt: Path, cfg: DiTConfig, nets: dict, opts: dict, d: Dist, export_only: bool) -> dict:
     recover(ckpt)
+    if d.is_main and not export_only:  # only the checkpoint's writer (rank 0 of a training run) may
+        remove_stale_temps(ckpt)  # remove the temp folders of saves a kill cut short
     if ckpt.exists():
-        return load_state(ckpt, cfg, nets, opts, device)
+        return load_state(ckpt, cfg, nets, opts, d.device)
     if export_only:
         raise CheckpointError(f"--export-only needs a checkpoint in {ckpt}")
     return {"step": 0, "wall_s": 0.0}
@@ -237,6 +243,7 @@ def export_student(out: Path, ema: CausalDiT, teacher_dir: Path, teacher_info: d
     info = {k: v for k, v in teacher_info.items() if k not in ("kind", "format_version", "sampling", "trained")}
     info["sampling"] = to_dict(SamplingConfig(steps=sample_steps, solver="consistency"))
     info["trained"] = {"stage": stage, "steps": step, "teacher": str(teacher_dir), "data": str(data)}
+    remove_stale_temps(out / "model")  # export_world_model writes through the same temp-folder scheme
     return export_world_model(out / "model", ema, teacher_dir / "tokenizer", info, frames, actions, card)
 
 

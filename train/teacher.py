@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from envs.dataset import episodes, iter_windows, list_shards, load_shard, read_meta
 from train.common import Logger, all_reduce_mean, barrier, cleanup_dist, ema_update, seed_everything, setup_dist, write_json
-from worldmodel.checkpoint import CheckpointError, flatten_optimizer, load_into, load_tensors, read_config, read_state, recover, save_checkpoint, unflatten_optimizer
+from worldmodel import cli
+from worldmodel.checkpoint import CheckpointError, flatten_optimizer, load_into, load_tensors, read_config, read_state, recover, remove_stale_temps, save_checkpoint, unflatten_optimizer
 from worldmodel.config import DIT_PRESETS, PREDICTIONS, DiTConfig, SamplingConfig, dit_config, from_dict, to_dict
 from worldmodel.dit import CausalDiT
 from worldmodel.flow import add_noise, sample_levels, velocity
@@ -43,7 +44,7 @@ LATENT_KEYS = ("latents", "actions", "rewards", "terminated", "first")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m train.teacher", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m train.teacher", description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
     p.add_argument("--data", required=True, help="dataset folder written by train.collect")
     p.add_argument("--tokenizer", required=True, help="tokenizer folder written by train.tokenizer (RUN/tokenizer)")
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, exported model)")
@@ -78,8 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("steps", "batch_size", "frames", "window_chunks", "ckpt_every", "log_every", "sample_steps"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
-    if args.sink_chunks < 0:
-        p.error("--sink-chunks must be >= 0")
+    if args.sink_chunks < 0 or args.warmup < 0:
+        p.error("--sink-chunks and --warmup must be >= 0")
     if not 0 <= args.action_drop < 1 or not 0 <= args.ctx_noise < 1:
         p.error("--action-drop and --ctx-noise must lie in [0, 1)")
     if args.patch_size is not None and args.patch_size <= 0:
@@ -214,7 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     if stamp.exists() and json.loads(stamp.read_text()) != tok_id:  # every rank checks, so all exit together
         print(f"error: {lat_dir} was encoded with another tokenizer; delete it or use a new --out", file=sys.stderr)
         return 2
-    d = setup_dist(args.device)
+    try:
+        d = setup_dist(args.device)
+    except ValueError as e:
+        print(f"error: --device: {e}", file=sys.stderr)
+        return 2
     world = d.world_size
     if args.batch_size % world:
         print(f"error: --batch-size {args.batch_size} is not divisible by {world} processes", file=sys.stderr)
@@ -251,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     step, wall_before = 0, 0.0  # wall time of earlier (killed) parts of this run
     train_args = args  # the arguments the checkpoint was trained with (for the model card)
     recover(ckpt)
+    if d.is_main and not args.export_only:  # only the checkpoint's writer (rank 0 of a training run) may
+        remove_stale_temps(ckpt)  # remove the temp folders of saves a kill cut short
     if ckpt.exists():
         try:
             step, state = resume(ckpt, cfg, dit, ema, opt, d.device)
@@ -271,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     model: torch.nn.Module = PackForward(dit)
     if world > 1:
         model = DDP(model)
-    log = Logger(out, enabled=d.is_main)
+    log = Logger(out, enabled=d.is_main, resume_step=step)
     if d.is_main:
         if not args.export_only:
             write_json(out / "args.json", vars(args))
@@ -341,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             "trained": {"stage": "teacher", "steps": step, "preset": args.preset, "data": str(data)},
         }
         card = model_card(train_args, meta, n_params, step, wall_before + time.time() - t0, d)
+        remove_stale_temps(out / "model")  # export_world_model writes through the same temp-folder scheme
         export_world_model(out / "model", ema, args.tokenizer, info, frames, actions, card)
         print(f"exported world model to {out / 'model'}")
     cleanup_dist()

@@ -36,8 +36,9 @@ from envs.probe import probe_for
 from train.eval_metrics import probe_errors
 from train.common import (Dist, Logger, all_reduce_mean, barrier, cleanup_dist, ema_update, seed_everything,
                           setup_dist, write_json)
+from worldmodel import cli
 from worldmodel.checkpoint import (CheckpointError, flatten_optimizer, load_into, load_tensors, read_config,
-                                   read_state, save_checkpoint, unflatten_optimizer)
+                                   read_state, remove_stale_temps, save_checkpoint, unflatten_optimizer)
 from worldmodel.config import TokenizerConfig, from_dict, to_dict
 from worldmodel.tokenizer import FrameTokenizer, frames_to_pixels
 
@@ -287,7 +288,10 @@ def train(args: argparse.Namespace) -> dict | None:
     if cfg.frame_size != tuple(meta["frame_size"]):
         raise UsageError(f"the checkpoint's frame_size {cfg.frame_size} differs from the data's {tuple(meta['frame_size'])}")
 
-    d = setup_dist(args.device)
+    try:
+        d = setup_dist(args.device)
+    except ValueError as e:
+        raise UsageError(f"--device: {e}") from None
     if args.batch_size % d.world_size:
         raise UsageError(f"--batch-size {args.batch_size} must be divisible by the {d.world_size} processes")
     seed_everything(args.seed + d.rank)
@@ -295,6 +299,8 @@ def train(args: argparse.Namespace) -> dict | None:
     steps = args.steps if cfg.kind == "vae" else 0  # pixel patches have nothing to train
     ema = copy.deepcopy(tok).eval() if args.ema_decay > 0 else None
     opt = torch.optim.AdamW(tok.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay) if steps else None
+    if d.is_main:
+        remove_stale_temps(ckpt_dir)  # of saves a kill cut short; only rank 0 writes the checkpoint (may remove them)
     step = load_training(ckpt_dir, tok, ema, opt, d) if ckpt_dir.exists() else 0
     if step >= steps and (export_dir / "metrics.json").exists():
         if d.is_main:
@@ -310,7 +316,7 @@ def train(args: argparse.Namespace) -> dict | None:
     model = DDP(tok) if d.world_size > 1 and steps > step else tok  # DDP refuses a module with no parameters
     data_seed = int(np.random.SeedSequence([args.seed, step]).generate_state(1)[0])  # fresh stream on resume
     batches = frame_batches(train_shards, args.batch_size // d.world_size, data_seed, d)
-    logger = Logger(run_dir, enabled=d.is_main)
+    logger = Logger(run_dir, enabled=d.is_main, resume_step=step)
     bar = tqdm(total=steps, initial=step, disable=not d.is_main, desc="tokenizer", dynamic_ncols=True)
     t_last, last_logged = time.perf_counter(), step
     while step < steps:
@@ -356,7 +362,7 @@ def train(args: argparse.Namespace) -> dict | None:
 
 # ---- command line ----------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m train.tokenizer", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m train.tokenizer", description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter)
     p.add_argument("--data", required=True, help="dataset folder (meta.json, train/, heldout/)")
     p.add_argument("--out", required=True, help="run folder: checkpoint/, tokenizer/, log.jsonl, tb/")
     p.add_argument("--kind", choices=("vae", "patch"), default="vae")
@@ -375,10 +381,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     args = p.parse_args(argv)
-    for name in ("steps", "eval_frames"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("batch_size", "log_every", "ckpt_every"):
+    # --steps 0 would export an untrained autoencoder, --eval-frames 0 would fail at export after training
+    for name in ("steps", "eval_frames", "batch_size", "log_every", "ckpt_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0.0 <= args.ema_decay < 1.0:

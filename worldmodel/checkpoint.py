@@ -7,7 +7,8 @@ Layout of a checkpoint folder (diffusers-style):
     state.json                non-tensor training state (step, RNG seeds, optimizer skeleton), optional
 
 A folder is written under a temporary name and renamed into place, so a kill never leaves a half-written
-checkpoint. Loading uses safetensors only: nothing is unpickled.
+checkpoint (the temp folder a kill leaves is removed by the next save). Loading uses safetensors only:
+nothing is unpickled.
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def save_checkpoint(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     recover(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    remove_stale_temps(path)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), dir=path.parent))
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         for group, sd in tensors.items():
@@ -63,6 +65,33 @@ def replace_dir(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
     if old.exists():
         shutil.rmtree(old)
+
+
+# tempfile.mkdtemp appends 8 characters of this alphabet to the prefix (CPython's _RandomNameSequence)
+MKDTEMP_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
+MKDTEMP_LEN = 8
+
+
+def temp_prefix(path: Path) -> str:
+    """Saves of `path` write into `.NAME.tmp-XXXXXXXX` beside it, then rename that into place."""
+    return f".{path.name}.tmp-"
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Delete the temp folders that saves of `path` killed before their rename left beside it; returns them.
+
+    Only names `temp_prefix` and mkdtemp make, only real folders (not links or files). Important: only the
+    process that writes `path` may call this (rank 0 of a run): another process's save in flight would lose
+    its folder."""
+    path = Path(path)
+    prefix = temp_prefix(path)
+    if not path.parent.is_dir():
+        return []
+    stale = [p for p in path.parent.iterdir() if p.name.startswith(prefix) and len(p.name) == len(prefix) + MKDTEMP_LEN
+             and set(p.name[len(prefix):]) <= MKDTEMP_CHARS and p.is_dir() and not p.is_symlink()]
+    for p in stale:
+        shutil.rmtree(p)
+    return stale
 
 
 def recover(path: str | os.PathLike) -> None:
@@ -119,6 +148,9 @@ def load_into(module: torch.nn.Module, path: str | os.PathLike, group: str = "mo
             f"{group}.safetensors in {str(path)!r} does not match the model built from its config.json: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {bad[:5]}"
         )
+    nonfinite = sorted(k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if nonfinite:
+        raise CheckpointError(f"{group}.safetensors in {str(path)!r} holds NaN or infinite values in {len(nonfinite)} tensor(s): {nonfinite[:5]}; the run that wrote it diverged or the file is damaged")
     module.load_state_dict(sd)
 
 

@@ -6,6 +6,7 @@ checkpoint loads with no flags (`worldmodel.checkpoint`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,12 +157,14 @@ class SamplingConfig:
     solver: str = "euler"
 
     def __post_init__(self) -> None:
-        if int(self.steps) != self.steps or self.steps < 1:
+        if isinstance(self.steps, bool) or not (isinstance(self.steps, (int, float)) and math.isfinite(self.steps) and int(self.steps) == self.steps and self.steps >= 1):
             raise ValueError(f"denoising steps must be an integer >= 1, got {self.steps}")
         if self.solver not in SOLVERS:
             raise ValueError(f"unknown solver {self.solver!r}; choose one of {SOLVERS}")
-        if self.shift <= 0:
-            raise ValueError(f"time shift must be positive, got {self.shift}")
+        if not math.isfinite(self.guidance):
+            raise ValueError(f"action guidance must be a finite number, got {self.guidance}")
+        if not (math.isfinite(self.shift) and self.shift > 0):
+            raise ValueError(f"time shift must be a finite positive number, got {self.shift}")
 
 
 # Size presets, one registry; the CLI reuses its keys as choices.

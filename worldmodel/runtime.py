@@ -31,6 +31,10 @@ from .tokenizer import FrameTokenizer
 MODEL_FORMAT_VERSION = 1
 
 
+class NonFiniteError(FloatingPointError):
+    """A generated chunk or head turned NaN or infinite. Raised instead of returning black frames or NaN rewards."""
+
+
 def save_dit(model: CausalDiT, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
     return save_checkpoint(path, {"kind": "dit", "config": to_dict(model.cfg), **(extra or {})}, {"model": model.state_dict()})
 
@@ -284,6 +288,13 @@ class WorldModel:
         x = randn_worlds((self.batch, Fc, cfg.in_channels, *cfg.latent_size), self.generators, self.device).to(self.dtype)  # (B, F, C, h, w); float32 draws, so every dtype sees the same noise
         return denoise(self.dit, self.cache, a, x, self.levels, self.guidance, self.sampling.solver, self.generators), a
 
+    def _check_finite(self, x: torch.Tensor, what: str) -> None:
+        bad = ~torch.isfinite(x.flatten(1)).all(1)  # (B,) one flag per world; a single sync with the host
+        if bool(bad.any()):
+            worlds = bad.nonzero().flatten().tolist()
+            raise NonFiniteError(f"the {what} of world(s) {worlds[:8]} turned NaN or infinite (denoising steps {self.steps}, guidance {self.guidance}, "
+                                 f"dtype {self.dtype}); the weights or the sampling settings are broken. Reset the worlds before stepping again.")
+
     def _decode(self, x0: torch.Tensor) -> np.ndarray:
         frames = self.tokenizer.decode(x0.flatten(0, 1).float())  # (B*F, H, W, 3) uint8
         return frames.reshape(self.batch, self.frames_per_chunk, *self.frame_shape).cpu().numpy()
@@ -296,8 +307,10 @@ class WorldModel:
         """One action per world -> the next chunk of every world, uint8 (B, F, H, W, 3)."""
         with self._phase("denoise"):
             x0, a = self._denoise(actions)
+            self._check_finite(x0, "generated chunk")
         with self._phase("recache"):
             _, self.heads = recache(self.dit, self.cache, x0, a)
+            self._check_finite(torch.cat([self.heads.reward_logit, self.heads.reward_value, self.heads.end_logit], 1), "reward and end heads")
         with self._phase("decode"):
             return self._decode(x0)
 
@@ -307,6 +320,7 @@ class WorldModel:
         follow with observe() of the real frames)."""
         with self._phase("denoise"):
             x0, _ = self._denoise(actions)
+            self._check_finite(x0, "generated chunk")
         with self._phase("decode"):
             return self._decode(x0)
 
