@@ -1,4 +1,4 @@
-"""Write tests/data/reference_frames.npz: what the shipped models generate for fixed seeds and actions.
+"""Write tests/reference/frames.npz: what the shipped models generate for fixed seeds and actions.
 
 Run once before a refactor that must not change behaviour (`python -m tests.make_reference_frames`);
 tests/test_reference_frames.py then checks that the code still generates these frames."""
@@ -11,7 +11,7 @@ import numpy as np
 
 import worldmodel  # noqa: F401  registers the ids
 
-OUT = Path(__file__).resolve().parent / "data" / "reference_frames.npz"
+OUT = Path(__file__).resolve().parent / "reference" / "frames.npz"
 IDS = {"student": "worldmodel/Breakout-v0", "teacher": "worldmodel/Breakout-teacher-v0"}
 STEPS = 12
 SEED = 7

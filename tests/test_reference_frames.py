@@ -1,5 +1,5 @@
 """Behaviour is kept across refactors: the shipped models generate the frames, rewards and episode ends
-recorded in tests/data/reference_frames.npz (by tests/make_reference_frames.py) for the same seed and actions."""
+recorded in tests/reference/frames.npz (by tests/make_reference_frames.py) for the same seed and actions."""
 from __future__ import annotations
 
 import numpy as np
