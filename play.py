@@ -28,11 +28,10 @@ import numpy as np
 
 from envs.player import keymap
 from envs.player.adapter import PlayAdapter
+from envs.world_env import DEFAULT_MODEL, start_display
 from worldmodel import cli
+from worldmodel.registration import ASSETS, model_folders
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-DEFAULT_MODEL = ASSETS / "breakout"
-HEADLESS_DRIVERS = ("offscreen", "dummy")  # SDL video drivers that show nothing
 NO_WINDOW_HINT = "play without a window: python play.py --headless 300 (writes play.mp4 and prints the speed)"
 
 # the window
@@ -83,8 +82,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ----- the model -----
 def shipped_models() -> list[tuple[Path, str]]:
     """(folder, game) of every world-model folder in assets/."""
-    from envs.registration import model_folders
-
     return [(folder, json.loads((folder / "config.json").read_text())["game"]) for folder in model_folders(ASSETS).values()]
 
 
@@ -205,11 +202,7 @@ def import_pygame():
 def open_display(pygame) -> None:
     """Start SDL's video; a PlayError when there is no display to show a window on."""
     try:
-        pygame.display.init()
-        driver = pygame.display.get_driver()
-        # important: with no display SDL falls back to its offscreen driver and "works", showing nothing
-        if driver in HEADLESS_DRIVERS and os.environ.get("SDL_VIDEODRIVER") not in HEADLESS_DRIVERS:
-            raise pygame.error(f"SDL found no display and fell back to its {driver!r} driver; is DISPLAY or WAYLAND_DISPLAY set?")
+        start_display(pygame)
     except pygame.error as e:
         pygame.display.quit()
         raise PlayError(f"no display available ({e}); {NO_WINDOW_HINT}") from None

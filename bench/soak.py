@@ -295,17 +295,6 @@ def overall_rates(s: dict[str, Any]) -> dict[str, Any]:
     return {k[len("overall_"):]: v for k, v in s.items() if k.startswith("overall_")}
 
 
-def finite(x: Any) -> Any:
-    """JSON has no NaN or inf: they become null."""
-    if isinstance(x, dict):
-        return {k: finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [finite(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
 def plot(results: dict[str, dict[str, Any]], path: str) -> None:
     import matplotlib
 
@@ -451,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         report["rss_note"] = "no /proc/self/status here: rss_mib is resource.getrusage's peak resident size, which never falls"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(finite(report), indent=2, allow_nan=False))
+    out.write_text(json.dumps(cli.jsonable(report), indent=2, allow_nan=False))
     print(f"wrote {out}")
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)

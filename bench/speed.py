@@ -17,7 +17,7 @@ drift of a shared machine hits every configuration alike. A figure is the median
 latencies are pooled over every timed step (action in, decoded frame out: the env's own `step`; the
 vector env's autoresets happen inside it and are included, the single env's rare resets are not). The split into transformer (the denoising passes),
 re-cache (the clean t=0 pass that extends the KV cache and reads the reward/end heads) and decoder comes
-from `worldmodel.runtime.PhaseTimer`; "other" is the rest of the env step (noise, host copies, wrappers).
+from `bench.timer.PhaseTimer`; "other" is the rest of the env step (noise, host copies, wrappers).
 Ratios (student/teacher, bfloat16/float32, fast/plain) divide medians of the same run.
 
 FLOPs: counted once per configuration with `torch.utils.flop_counter.FlopCounterMode` over one step
@@ -84,7 +84,7 @@ class Runner:
     def __init__(self, cfg: Config, device: str, seed: int) -> None:
         from envs.vector_env import WorldModelVectorEnv
         from envs.world_env import WorldModelEnv
-        from worldmodel.runtime import PhaseTimer
+        from bench.timer import PhaseTimer
         from worldmodel.tokenizer import FrameTokenizer
 
         self.cfg = cfg

@@ -10,6 +10,8 @@ from typing import Protocol
 
 import numpy as np
 
+from envs.breakout import (BALL_W, BALL_X_OFFSET, BREAKOUT_ACTIONS, FIRE, LEFT, NOOP, PADDLE_W, PADDLE_X_OFFSET, RAM_BALL_X,
+                           RAM_BALL_Y, RAM_PADDLE_X, RIGHT)
 from envs.games import resolve_env_id
 
 
@@ -44,18 +46,8 @@ class PersistentRandom:
         return self.last_action
 
 
-# Breakout's minimal action set, in ALE's order (get_action_meanings()).
-BREAKOUT_ACTIONS = ["NOOP", "FIRE", "RIGHT", "LEFT"]
-NOOP, FIRE, RIGHT, LEFT = range(len(BREAKOUT_ACTIONS))
-
-# Breakout RAM addresses, checked against the screen (160x210) over 400 steps of play:
-#   ball left pixel   = ram[99] - 49,  ball top pixel = ram[101] + 9 (ram[101] == 0: no ball in play)
-#   paddle left pixel = ram[72] - 47,  paddle 16 px wide (8 once the ball has broken through the top)
-RAM_BALL_X, RAM_BALL_Y, RAM_PADDLE_X = 99, 101, 72
-BALL_WIDTH, PADDLE_WIDTH = 2, 16
-BALL_X_OFFSET, PADDLE_X_OFFSET = 49, 47
-# Paddle centre minus ball centre when they are aligned, in RAM units (see the pixel offsets above).
-PADDLE_TO_BALL = (PADDLE_X_OFFSET - PADDLE_WIDTH // 2) - (BALL_X_OFFSET - BALL_WIDTH // 2)
+# Paddle centre minus ball centre when they are aligned, in RAM units (see envs.breakout's RAM offsets).
+PADDLE_TO_BALL = (PADDLE_X_OFFSET - PADDLE_W // 2) - (BALL_X_OFFSET - BALL_W // 2)
 
 
 class BreakoutTracker:

@@ -13,7 +13,7 @@ the top row (a full-resolution position x_160 maps to x_160 * 64 / 160 - 0.5, y_
 
 How it works. `preprocess_frame` shrinks the 210x160 ALE screen with INTER_AREA, which is linear: every
 64x64 pixel is the area-weighted mean of the screen pixels under it. The screen's fixed geometry (walls,
-brick grid, paddle rows, digit cells, colours; measured on emulator frames, the constants below) is
+brick grid, paddle rows, digit cells, colours; measured on emulator frames: `envs.breakout`) is
 rendered at full resolution and shrunk by `preprocess_frame` itself, so the probe knows exactly what each
 object looks like at 64x64:
   - bricks: the brick band is the walls plus a linear mix of 108 brick images; least squares (one matrix
@@ -54,48 +54,14 @@ from typing import Callable
 
 import numpy as np
 
+from envs.breakout import (BALL_COLOUR, BALL_H, BALL_W, BALL_X_OFFSET, BALL_Y_OFFSET, BRICK_COLOURS, BRICK_COLUMNS, BRICK_H,
+                           BRICK_LEFT, BRICK_TOP, BRICK_W, CELL_H, CELL_W, DIGIT_TOP, GLYPHS, GRAY, PADDLE_H, PADDLE_TOP, PADDLE_W,
+                           PADDLE_X_OFFSET, PLAY_LEFT, PLAY_RIGHT, PLAY_TOP, RAM_BALL_X, RAM_BALL_Y, RAM_PADDLE_X, RAM_SCORE_BCD,
+                           RAM_SCORE_HUNDREDS, SCORE_SLOTS_X, SCREEN_H, SCREEN_W, SHORT_PADDLE_W, WALLS)
 from envs.games import game_frame, game_ram, make_game, preprocess_frame, resolve_env_id
-from envs.policies import (BALL_X_OFFSET, PADDLE_WIDTH, PADDLE_X_OFFSET, RAM_BALL_X, RAM_BALL_Y, RAM_PADDLE_X,
-                           BreakoutTracker, make_behaviour_policy)
+from envs.policies import BreakoutTracker, make_behaviour_policy
 
 SIZE = 64  # the probes read 64x64 frames (the project's frame size)
-SCREEN_H, SCREEN_W = 210, 160  # the ALE screen
-
-# ----- Breakout's screen, measured on emulator frames (rows y, columns x of the 210x160 screen) -----
-GRAY, TEAL, RED = (142, 142, 142), (66, 158, 130), (200, 72, 72)
-# fixed walls as (y0, y1, x0, x1, colour), half-open: top wall, side walls, the bottom corners
-WALLS = (
-    (17, 32, 0, 160, GRAY),
-    (32, 189, 0, 8, GRAY), (32, 189, 152, 160, GRAY),
-    (189, 196, 0, 8, TEAL), (189, 195, 152, 160, RED),
-)
-BRICK_TOP, BRICK_H, BRICK_LEFT, BRICK_W = 57, 6, 8, 8
-BRICK_COLOURS = ((200, 72, 72), (198, 108, 58), (180, 122, 48), (162, 162, 42), (72, 160, 72), (66, 72, 200))
-BRICK_COLUMNS = 18
-NUM_BRICKS = len(BRICK_COLOURS) * BRICK_COLUMNS  # 108
-PLAY_TOP, PLAY_LEFT, PLAY_RIGHT = 32, 8, 152  # inside the walls
-PADDLE_TOP, PADDLE_H = 189, 4
-BALL_COLOUR = PADDLE_COLOUR = RED
-BALL_W, BALL_H = 2, 4
-SHORT_PADDLE_W = 8  # the paddle halves once the ball has broken through the top
-# score: 3 digits with leading zeros; a glyph is 3x5 cells of 4x2 screen pixels
-DIGIT_TOP, CELL_W, CELL_H = 5, 4, 2
-SCORE_SLOTS_X = (36, 52, 68)
-GLYPHS = (  # rows of 3 cells, '#' lit; read from the screen after writing known scores into RAM
-    ("###", "#.#", "#.#", "#.#", "###"),  # 0
-    (".#.", ".#.", ".#.", ".#.", ".#."),  # 1
-    ("###", "..#", "###", "#..", "###"),  # 2
-    ("###", "..#", ".##", "..#", "###"),  # 3
-    ("#.#", "#.#", "###", "..#", "..#"),  # 4
-    ("###", "#..", "###", "..#", "###"),  # 5
-    ("#..", "#..", "###", "#.#", "###"),  # 6
-    ("###", "..#", "..#", "..#", "..#"),  # 7
-    ("###", "#.#", "###", "#.#", "###"),  # 8
-    ("###", "#.#", "###", "..#", "..#"),  # 9
-)
-# Breakout RAM (ground truth for tests): score = 100 * ram[76] + BCD ram[77]
-RAM_SCORE_HUNDREDS, RAM_SCORE_BCD = 76, 77
-
 BALL_WINDOW = (4, 3)  # rows, columns: holds a ball's whole footprint at 64 px (<= 3 rows, <= 2 columns)
 PADDLE_MARGIN = 1  # 64-px columns beside the paddle where no ball is looked for in the paddle rows
 MIN_BALL_MASS = 0.35  # of one ball: a ball half hidden in a wall still counts
@@ -180,7 +146,7 @@ def _breakout_model() -> _BreakoutModel:
         raise AssertionError("score digit slots must not share 64-px columns")
     paddle_rows = _span(PADDLE_TOP, PADDLE_TOP + PADDLE_H, sy)
     paddles, centres, halves = [], [], []
-    for width in (PADDLE_WIDTH, SHORT_PADDLE_W):
+    for width in (PADDLE_W, SHORT_PADDLE_W):
         for left in range(PLAY_LEFT, PLAY_RIGHT - SHORT_PADDLE_W + 1):
             x0, x1 = left, min(left + width, PLAY_RIGHT)  # the wall hides what passes it
             paddles.append(_shrink(_rect(PADDLE_TOP, PADDLE_TOP + PADDLE_H, x0, x1))[paddle_rows])
@@ -291,9 +257,6 @@ def probe_for(game_name: str) -> Callable[[np.ndarray], dict[str, np.ndarray]] |
 
 
 # ----- ground truth from the emulator (tests and the accuracy measurement) -----
-BALL_Y_OFFSET = 9  # ball top pixel = ram[101] + 9
-
-
 def bcd(byte: np.ndarray) -> np.ndarray:
     byte = np.asarray(byte, dtype=np.int64)
     return 10 * (byte >> 4) + (byte & 15)
@@ -307,7 +270,7 @@ def breakout_truth(screens: np.ndarray, rams: np.ndarray) -> dict[str, np.ndarra
     rams = np.asarray(rams).astype(np.int64)
     N = len(rams)
     left = rams[:, RAM_PADDLE_X] - PADDLE_X_OFFSET
-    lo, hi = np.maximum(left, PLAY_LEFT), np.minimum(left + PADDLE_WIDTH, PLAY_RIGHT)
+    lo, hi = np.maximum(left, PLAY_LEFT), np.minimum(left + PADDLE_W, PLAY_RIGHT)
     _, paddle_x = to_64(0, (lo + hi) / 2)
     in_play = rams[:, RAM_BALL_Y] != 0
     top, bx = rams[:, RAM_BALL_Y] + BALL_Y_OFFSET, rams[:, RAM_BALL_X] - BALL_X_OFFSET

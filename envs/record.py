@@ -73,7 +73,7 @@ def make_env(args: argparse.Namespace) -> tuple[gym.Env, dict]:
         game = args.env[len(REAL_PREFIX):]
         env = FrameObservation(make_game(game, frameskip=info.get("frameskip", 4)), tuple(info["frame_size"]))
         return gym.wrappers.TimeLimit(env, args.max_steps), {"game": game, "real": True, "frame_size": info["frame_size"]}
-    from envs.registration import register_envs, registered_ids
+    from worldmodel.registration import register_envs, registered_ids
 
     register_envs()
     ids = registered_ids()
@@ -137,7 +137,8 @@ class Replay:
 def make_policy(args: argparse.Namespace, env: gym.Env, real: bool, game: str):
     """An envs.policies-style policy: reset() per episode, (obs, ram) -> action (None: the replay ran out)."""
     from envs.games import resolve_env_id
-    from envs.policies import BREAKOUT_ACTIONS, BreakoutTracker, PersistentRandom
+    from envs.breakout import BREAKOUT_ACTIONS
+    from envs.policies import BreakoutTracker, PersistentRandom
 
     n = int(env.action_space.n)
     rng = np.random.default_rng(args.seed)

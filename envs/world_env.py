@@ -1,7 +1,8 @@
 """The world model as a Gymnasium environment: `step(action)` generates the next frame chunk from the KV cache.
 
 Also the pieces the batched `envs.vector_env.WorldModelVectorEnv` shares with it: loading a model folder with
-its start contexts, drawing a start context, checking a given context, the frame stack.
+its start contexts, drawing a start context, checking a given context, the frame stack; and `start_display`,
+the no-display check that the player (`play.py`) shares with the human render mode.
 """
 from __future__ import annotations
 
@@ -13,14 +14,16 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from worldmodel.runtime import WorldModel, load_start_frames, resolve_device
+from worldmodel.device import resolve_device
+from worldmodel.registration import ASSETS
+from worldmodel.runtime import WorldModel, check_context_frames, load_start_frames
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_MODEL = ASSETS / "breakout"
 EMULATOR_HZ = 60  # Atari frames per second; one agent step is `frameskip` of them
 DEFAULT_FRAMESKIP = 4  # for model folders whose config.json does not say
 WINDOW_SCALE = 8  # render_mode="human": window pixels per model pixel
 NOISE_SEED_BOUND = 2**63  # noise seeds are drawn from [0, 2**63) by the env's np_random
+HEADLESS_DRIVERS = ("offscreen", "dummy")  # SDL video drivers that show nothing
 IMPORT_PID = os.getpid()  # the process that imported this module; an env built under another pid is in a fork() of it
 
 
@@ -187,12 +190,7 @@ class WorldModelEnv(gym.Env):
         if self._window is None:
             H, W, _ = frame.shape
             try:
-                pygame.display.init()
-                driver = pygame.display.get_driver()
-                # important: with no display SDL falls back to an invisible driver and "works", showing nothing
-                headless = ("offscreen", "dummy")  # an invisible driver is fine only when asked for
-                if driver in headless and os.environ.get("SDL_VIDEODRIVER") not in headless:
-                    raise pygame.error(f"SDL found no display and fell back to its {driver!r} driver")
+                start_display(pygame)
                 self._window = pygame.display.set_mode((W * WINDOW_SCALE, H * WINDOW_SCALE))
             except pygame.error as e:
                 pygame.display.quit()
@@ -204,6 +202,16 @@ class WorldModelEnv(gym.Env):
         pygame.event.pump()
         pygame.display.flip()
         self._clock.tick(self.metadata["render_fps"])
+
+
+def start_display(pygame) -> None:
+    """Start SDL's video (the env's human render mode and the player's window); pygame.error when there is no
+    display. Important: with no display SDL falls back to an invisible driver and "works", showing nothing; an
+    invisible driver is fine only when asked for (SDL_VIDEODRIVER=dummy)."""
+    pygame.display.init()
+    driver = pygame.display.get_driver()
+    if driver in HEADLESS_DRIVERS and os.environ.get("SDL_VIDEODRIVER") not in HEADLESS_DRIVERS:
+        raise pygame.error(f"SDL found no display and fell back to its {driver!r} driver; is DISPLAY or WAYLAND_DISPLAY set?")
 
 
 # ----- shared with the vector env -----
@@ -240,15 +248,8 @@ def check_context(options: dict[str, Any], lead: tuple[int, ...], wm: WorldModel
     unknown = set(options) - {"frames", "actions"}
     if unknown or not {"frames", "actions"} <= set(options):
         raise ValueError(f"reset options take exactly 'frames' and 'actions' (a start context), got {sorted(options)}")
-    frames, actions = np.asarray(options["frames"]), np.asarray(options["actions"])
-    Fc, shape = wm.frames_per_chunk, wm.frame_shape
-    want = f"uint8 of shape ({', '.join(map(str, lead))}{', ' if lead else ''}T, {', '.join(map(str, shape))}) with T a whole number (>= 1) of {Fc}-frame chunks"
-    n = len(lead)
-    if frames.dtype != np.uint8 or frames.ndim != n + 4 or frames.shape[:n] != lead or frames.shape[n + 1:] != shape:
-        raise ValueError(f"options['frames'] must be {want}, got {frames.dtype} {frames.shape}")
-    T = frames.shape[n]
-    if T < Fc or T % Fc:
-        raise ValueError(f"options['frames'] must be {want}, got T = {T}")
+    frames = check_context_frames(options["frames"], lead, wm.frame_shape, wm.frames_per_chunk, what="options['frames']")
+    actions, n = np.asarray(options["actions"]), len(lead)
     if actions.shape != frames.shape[:n + 1] or not np.issubdtype(actions.dtype, np.integer):
         raise ValueError(f"options['actions'] must be integers of shape {frames.shape[:n + 1]} (the actions that led to the frames), got {actions.dtype} {actions.shape}")
     if actions.size and (actions.min() < 0 or actions.max() >= wm.num_actions):

@@ -70,7 +70,7 @@ def acting_model(model, tmp_path_factory) -> Path:
 
     import torch
 
-    from worldmodel.runtime import load_dit, save_dit
+    from worldmodel.dit import load_dit, save_dit
 
     out = tmp_path_factory.mktemp("acting") / "model"
     shutil.copytree(model, out)

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from envs.dataset import (episodes, iter_windows, list_shards, load_shard, read_meta, write_shard)
+from envs.breakout import FIRE, RAM_BALL_X, RAM_BALL_Y, RAM_PADDLE_X
 from envs.games import (action_meanings, game_frame, game_ram, make_game, preprocess_frame, resolve_env_id)
-from envs.policies import (FIRE, PADDLE_TO_BALL, RAM_BALL_X, RAM_BALL_Y, RAM_PADDLE_X, BreakoutTracker,
-                           MixedPolicy, PersistentRandom, make_behaviour_policy)
+from envs.policies import PADDLE_TO_BALL, BreakoutTracker, MixedPolicy, PersistentRandom, make_behaviour_policy
 from train.collect import CollectConfig, collect, episode_rng, shard_env_seed
+from train.dataset import episodes, iter_windows, list_shards, load_shard, read_meta, write_shard
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64

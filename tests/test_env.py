@@ -13,9 +13,9 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import worldmodel  # noqa: F401  (registers the ids)
-from envs.registration import env_id, model_folders, register_envs, registered_ids
 from envs.vector_env import WorldModelVectorEnv
 from envs.world_env import WorldModelEnv
+from worldmodel.registration import env_id, model_folders, register_envs, registered_ids
 
 from tests.conftest import ENV, ROOT, run
 
@@ -102,7 +102,7 @@ def test_seed_determinism(model):
 
 
 def test_reset_with_a_given_context(model, starts, data):
-    from envs.dataset import list_shards, load_shard
+    from train.dataset import list_shards, load_shard
 
     shard = load_shard(list_shards(data, "heldout")[0])
     env = WorldModelEnv(model)

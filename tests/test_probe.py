@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from envs.probe import NUM_BRICKS, breakout_truth, probe_breakout, probe_for, record_breakout, score_matches
+from envs.breakout import NUM_BRICKS
+from envs.probe import breakout_truth, probe_breakout, probe_for, record_breakout, score_matches
 
 PADDLE_TOL = 0.5  # 64-px columns (1.25 screen pixels)
 BALL_TOL = 0.5  # 64-px pixels, each axis

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from bench.timer import PhaseTimer
 from worldmodel.config import TokenizerConfig
-from worldmodel.runtime import PhaseTimer, WorldModel
+from worldmodel.runtime import WorldModel
 from worldmodel.tokenizer import FrameTokenizer
 
 from tests.conftest import run

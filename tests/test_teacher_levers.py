@@ -4,7 +4,6 @@ finest tokens) that exports a model the runtime plays. Parity of the new inputs 
 cache is in test_dit.py."""
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import time
@@ -13,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from train.teacher import changed, flow_loss, lr_at, parse_args
+from train.skeleton import Schedule
+from train.teacher import changed, flow_loss, parse_args
 from worldmodel.flow import sample_levels
 from worldmodel.runtime import WorldModel, load_start_frames
 
@@ -71,10 +71,11 @@ def test_level_mean_shifts_training_toward_noise():
 
 
 def test_schedule_follows_the_wall_budget():
-    args = argparse.Namespace(lr=1e-3, warmup=10, steps=1000, max_minutes=2.0)
-    assert lr_at(500, args, wall_s=0.0) == pytest.approx(lr_at(500, argparse.Namespace(**{**vars(args), "max_minutes": None})))
-    assert lr_at(20, args, wall_s=120.0) == pytest.approx(1e-4)  # budget spent: the floor, whatever the step
-    assert lr_at(20, args, wall_s=60.0) < lr_at(20, args, wall_s=1.0)
+    budget = Schedule(warmup=10, steps=1000, min_ratio=0.1, max_minutes=2.0)
+    assert budget.factor(500, wall_s=0.0) == pytest.approx(Schedule(warmup=10, steps=1000, min_ratio=0.1).factor(500))
+    assert budget.factor(20, wall_s=120.0) == pytest.approx(0.1)  # budget spent: the floor, whatever the step
+    assert budget.factor(20, wall_s=60.0) < budget.factor(20, wall_s=1.0)
+    assert budget.factor(0) == pytest.approx(0.1) and budget.factor(9) == pytest.approx(1.0)  # linear warm-up
 
 
 def test_bad_lever_flags_are_refused():

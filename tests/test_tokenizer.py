@@ -41,7 +41,7 @@ def breakout_like_frames(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def write_dataset(root: Path, shards: dict[str, int], frames_per_shard: int = 24) -> Path:
-    """A tiny dataset in the envs/dataset.py layout: meta.json, {train,heldout}/shard_XXXXX.npz."""
+    """A tiny dataset in the train/dataset.py layout: meta.json, {train,heldout}/shard_XXXXX.npz."""
     rng = np.random.default_rng(0)
     for split, count in shards.items():
         (root / split).mkdir(parents=True)
@@ -223,7 +223,7 @@ def test_cli_trains_resumes_and_finishes(dataset, tmp_path):
     assert [r["step"] for r in logged] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in logged)
     assert "already finished" in run_cli(cli_args(dataset, out, "--steps", "3")).stdout
     proc = run_cli(cli_args(dataset, out, "--steps", "5"))
-    assert "resuming" in proc.stdout and "at step 3" in proc.stdout
+    assert "resumed from" in proc.stdout and "at step 3" in proc.stdout
     check_export(out, 5)
 
 

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from envs.dataset import list_shards, load_shard, write_shard
 from train.collect import CollectConfig, collect
 from train.collect import parse_args as collect_args
 from train.consistency import main as consistency_main
 from train.consistency import parse_args as consistency_args
+from train.dataset import list_shards, load_shard, write_shard
 from train.dmd import main as dmd_main
 from train.dmd import parse_args as dmd_args
 from train.teacher import main as teacher_main
@@ -133,7 +133,7 @@ def test_a_resumed_run_removes_stale_temp_folders_and_an_export_only_run_spares_
     # --export-only does not write the checkpoint: a trainer still running there may own that temp folder
     assert teacher_main([*args, "--export-only"]) == 0
     assert ckpt_tmp.is_dir() and not model_tmp.exists()
-    monkeypatch.setattr("train.teacher.save_checkpoint", lambda *a, **k: None)  # no save cleans up: the resume must
+    monkeypatch.setattr("train.skeleton.save_checkpoint", lambda *a, **k: None)  # no save cleans up: the resume must
     assert teacher_main(args) == 0
     assert not ckpt_tmp.exists()
 

@@ -1,4 +1,4 @@
-"""Stage 0: record the real game under the behaviour policy into a sharded dataset (envs/dataset.py).
+"""Stage 0: record the real game under the behaviour policy into a sharded dataset (train/dataset.py).
 
     python -m train.collect --game Breakout --out data/breakout --steps 200000 --heldout-steps 20000
 
@@ -29,11 +29,11 @@ import gymnasium as gym
 import numpy as np
 from tqdm import tqdm
 
-from envs.dataset import (FORMAT_VERSION, SPLITS, TMP_SUFFIX, ShardWriter, episodes, list_shards, load_shard,
-                          read_meta, shard_name, split_dir, write_meta)
 from envs.games import (ALE_NAMESPACE, action_meanings, game_frame, game_ram, make_game, preprocess_frame,
                         resolve_env_id)
 from envs.policies import Policy, make_behaviour_policy
+from train.dataset import (FORMAT_VERSION, SPLITS, TMP_SUFFIX, ShardWriter, episodes, list_shards, load_shard,
+                           read_meta, shard_name, split_dir, write_meta)
 from worldmodel import cli
 
 FRAMES_PER_STEP = 1  # one stored frame per agent step: see envs/games.py for why

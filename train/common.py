@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from worldmodel.runtime import resolve_device
+from worldmodel.device import resolve_device
 
 
 @dataclass
@@ -58,6 +58,20 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def sync_grads(module: torch.nn.Module, d: Dist) -> None:
+    """Average gradients over processes (one flat all-reduce; used where DDP's forward hook cannot be)."""
+    if d.world_size == 1:
+        return
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= d.world_size
+    o = 0
+    for g in grads:
+        g.copy_(flat[o:o + g.numel()].view_as(g))
+        o += g.numel()
 
 
 def all_reduce_mean(x: float, d: Dist) -> float:

@@ -12,10 +12,11 @@ from typing import Sequence
 
 import numpy as np
 
-from envs.dataset import episodes, list_shards, load_shard
+from envs.breakout import BREAKOUT_ACTIONS
 from envs.games import game_frame, make_game, preprocess_frame, resolve_env_id
-from envs.policies import BREAKOUT_ACTIONS, BreakoutTracker, PersistentRandom, Policy, make_behaviour_policy
+from envs.policies import BreakoutTracker, PersistentRandom, Policy, make_behaviour_policy
 from train.collect import record_episode
+from train.dataset import episodes, list_shards, load_shard
 
 MAX_WARMUP = 100  # recorded clips start after 0..MAX_WARMUP steps of play
 WARMUP_STREAM, RANDOM_ACTIONS_STREAM = 1, 2  # rng streams [seed, stream], apart from the policy's (seed)

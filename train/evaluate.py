@@ -77,18 +77,19 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from envs.dataset import read_meta
 from envs.games import resolve_env_id
 from envs.probe import probe_for
 from train.common import write_json
+from train.dataset import read_meta
 from train.eval_clips import POLICIES, heldout_clips, random_actions, record_clips, replay_emulator
 from train.eval_metrics import (BALL_MATCH_PX, action_directions, events_reproduced, exact_horizons, mean_abs_diff, mse, nanmean, paddle_response,
                                 pooled, probe_errors, probe_exact_at, psnr_of, reward_scores, ssim, termination_scores)
 from train.eval_report import contact_sheet, plot_curves, report, side_by_side_video, slug, write_png
 from worldmodel import cli
 from worldmodel.checkpoint import CheckpointError, read_config
+from worldmodel.device import DTYPES
 from worldmodel.flow import add_noise
-from worldmodel.runtime import DTYPES, WorldModel
+from worldmodel.runtime import WorldModel
 from worldmodel.sampler import denoise, randn_worlds
 
 __all__ = ["HORIZONS", "ModelSpec", "parse_spec", "heldout_clips", "record_clips", "replay_emulator", "random_actions", "Reference",
@@ -409,23 +410,10 @@ def evaluate_models(specs: Sequence[ModelSpec | str], clips: np.ndarray, actions
     metrics.update(device=metrics["models"][specs[-1].name]["device"], threads=torch.get_num_threads())
     if out is not None:
         np.savez_compressed(out / "rollouts.npz", **arrays)
-        write_json(out / "metrics.json", jsonable(metrics))
+        write_json(out / "metrics.json", cli.jsonable(metrics))
         (out / "report.md").write_text(report(metrics))
         plot_curves(metrics, out)
     return metrics
-
-
-def jsonable(x):
-    """Metrics as strict JSON: numpy scalars to Python, NaN/inf to None, int keys to strings."""
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if isinstance(x, (np.integer, np.bool_)):
-        return x.item()
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    return x
 
 
 # ----- command line -----

@@ -18,13 +18,18 @@ Stage 4, distribution matching (DMD): `dmd_loss` moves generated samples along (
 expressed through clean predictions of the re-noised sample, normalised by the mean absolute error of the
 teacher's prediction and computed in float64; `critic_loss` trains the fake score by flow matching on the
 generator's own samples.
+
+Every DiT stage (2, 3 and 4): `head_loss`, the reward/end heads of the clean stream against the real game's
+rewards and terminations.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
+from worldmodel.dit import Heads
 from worldmodel.flow import add_noise, expand, x0_from_velocity
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -121,3 +126,16 @@ def critic_loss(fake: VelocityFn, x0_gen: torch.Tensor, s: torch.Tensor, eps: to
     per_frame = frame_mean((fake(x_s, s).float() - (eps - x0)) ** 2)
     loss = masked_mean(per_frame, mask)
     return loss, {"loss/critic": loss.item()}
+
+
+def head_loss(heads: Heads, rewards: torch.Tensor, terminated: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Reward-event BCE + squared reward value on the steps that paid one + episode-end BCE, on real labels
+    (B, T); heads of a guided pass (2B rows, the conditional half first) are cut to the labels' B."""
+    B = rewards.shape[0]
+    r = rewards.float()
+    event = (r != 0).float()
+    l_event = F.binary_cross_entropy_with_logits(heads.reward_logit[:B], event)
+    l_value = ((heads.reward_value[:B] - r) ** 2 * event).sum() / event.sum().clamp(min=1)
+    l_end = F.binary_cross_entropy_with_logits(heads.end_logit[:B], terminated.float())
+    total = l_event + l_value + l_end
+    return total, {"loss/reward_event": l_event.item(), "loss/reward_value": l_value.item(), "loss/end": l_end.item(), "loss/heads": total.item()}

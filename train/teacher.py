@@ -18,29 +18,23 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
-from envs.dataset import episodes, iter_windows, list_shards, load_shard, read_meta
-from train.common import Logger, all_reduce_mean, barrier, cleanup_dist, ema_update, seed_everything, setup_dist, write_json
+from train.dataset import read_meta
+from train.common import ema_update
+from train.latents import check_stamp, encode_latents, windows
+from train.objectives import head_loss
+from train.skeleton import Run, Schedule, UsageError, check_positive, export_world, hardware, model_card, stage_main, usage_errors
 from worldmodel import cli
-from worldmodel.checkpoint import CheckpointError, flatten_optimizer, load_into, load_tensors, read_config, read_state, recover, remove_stale_temps, save_checkpoint, unflatten_optimizer
-from worldmodel.config import DIT_PRESETS, PREDICTIONS, DiTConfig, SamplingConfig, dit_config, from_dict, to_dict
+from worldmodel.config import DIT_PRESETS, PREDICTIONS, DiTConfig, SamplingConfig, dit_config, to_dict
 from worldmodel.dit import CausalDiT
 from worldmodel.flow import add_noise, sample_levels, velocity
-from worldmodel.runtime import export_world_model
 from worldmodel.tokenizer import FrameTokenizer
-
-LATENT_KEYS = ("latents", "actions", "rewards", "terminated", "first")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,9 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--export-only", action="store_true", help="write RUN/model from the latest checkpoint (EMA weights) without training")
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "frames", "window_chunks", "ckpt_every", "log_every", "sample_steps"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive")
+    check_positive(p, args, ("steps", "batch_size", "frames", "window_chunks", "ckpt_every", "log_every", "sample_steps"))
     if args.sink_chunks < 0 or args.warmup < 0:
         p.error("--sink-chunks and --warmup must be >= 0")
     if not 0 <= args.action_drop < 1 or not 0 <= args.ctx_noise < 1:
@@ -92,33 +84,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.max_minutes is not None and not (math.isfinite(args.max_minutes) and args.max_minutes > 0):
         p.error("--max-minutes must be positive")
     return args
-
-
-# ----- data: frames -> latents once, then windows of latents -----
-def encode_split(data: Path, split: str, tok: FrameTokenizer, out: Path, rank: int, world: int, batch: int = 256) -> list[Path]:
-    """Encode every shard of a split with the frozen tokenizer into out/split/ (resumable, shard by shard)."""
-    shards = list_shards(data, split)
-    (out / split).mkdir(parents=True, exist_ok=True)
-    targets = [out / split / s.name for s in shards]
-    for k, (src, dst) in enumerate(zip(shards, targets)):
-        if k % world != rank or dst.exists():
-            continue
-        arr = load_shard(src)
-        frames = torch.from_numpy(arr["frames"])
-        with torch.inference_mode():
-            lat = torch.cat([tok.encode(frames[i:i + batch].to(tok.device)).cpu() for i in range(0, len(frames), batch)])
-        tmp = dst.with_name(dst.stem + ".tmp.npz")
-        np.savez(tmp, latents=lat.half().numpy(), **{k2: arr[k2] for k2 in LATENT_KEYS[1:]})
-        tmp.replace(dst)
-    return targets
-
-
-def batches(paths: list[Path], args: argparse.Namespace, rank: int, world: int, per_rank: int, seed: int):
-    # latents are small (2 KiB a frame): keep 8 shards in memory so a batch mixes many episodes
-    it = iter_windows(paths, args.frames, seed=seed, rank=rank, world_size=world, keys=LATENT_KEYS[:4], shards_in_memory=8)
-    while True:
-        ws = [next(it) for _ in range(per_rank)]
-        yield {k: torch.from_numpy(np.stack([w[k] for w in ws])) for k in LATENT_KEYS[:4]}
 
 
 def changed(x0: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -162,13 +127,8 @@ def teacher_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], args: a
     noisy_a = torch.where(drop, torch.full_like(a, num_actions), a)
     v, heads = model(clean, noisy, s_ctx, s, a, noisy_a)
     flow, flow_parts = flow_loss(v, velocity(x0, eps), x0, args.change_weight, args.change_threshold)
-    r = batch["rewards"].float().to(dev)
-    event = (r != 0).float()
-    l_event = F.binary_cross_entropy_with_logits(heads.reward_logit, event)
-    l_value = ((heads.reward_value - r) ** 2 * event).sum() / event.sum().clamp(min=1)
-    l_end = F.binary_cross_entropy_with_logits(heads.end_logit, batch["terminated"].float().to(dev))
-    loss = flow + args.head_weight * (l_event + l_value + l_end)
-    return loss, {**flow_parts, "loss/reward_event": l_event.item(), "loss/reward_value": l_value.item(), "loss/end": l_end.item()}
+    l_heads, head_parts = head_loss(heads, batch["rewards"], batch["terminated"])
+    return flow + args.head_weight * l_heads, {**flow_parts, **head_parts}
 
 
 def model_cfg(model: torch.nn.Module) -> DiTConfig:
@@ -187,231 +147,66 @@ class PackForward(torch.nn.Module):
         return self.dit.forward_pack(*a)
 
 
-def lr_at(step: int, args: argparse.Namespace, wall_s: float = 0.0) -> float:
-    """Linear warm-up, then cosine to 0.1 lr over the steps, or over --max-minutes if that runs out first."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    prog = (step - args.warmup) / max(1, args.steps - args.warmup)
-    if args.max_minutes is not None:
-        prog = max(prog, wall_s / (60 * args.max_minutes))
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    data, out = Path(args.data), Path(args.out)
-    try:
+def train(args: argparse.Namespace) -> int:
+    data, tok_dir = Path(args.data), Path(args.tokenizer)
+    with usage_errors():
         meta = read_meta(data)
-        tok = FrameTokenizer.load(args.tokenizer)
-    except (FileNotFoundError, ValueError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if tuple(meta["frame_size"]) != tuple(tok.cfg.frame_size):
-        print(f"error: dataset frames are {meta['frame_size']} but the tokenizer takes {list(tok.cfg.frame_size)}", file=sys.stderr)
-        return 2
-    lat_dir = out / "latents"
-    stamp = lat_dir / "tokenizer.json"
-    tok_id = read_config(args.tokenizer)
-    if stamp.exists() and json.loads(stamp.read_text()) != tok_id:  # every rank checks, so all exit together
-        print(f"error: {lat_dir} was encoded with another tokenizer; delete it or use a new --out", file=sys.stderr)
-        return 2
-    try:
-        d = setup_dist(args.device)
-    except ValueError as e:
-        print(f"error: --device: {e}", file=sys.stderr)
-        return 2
-    world = d.world_size
-    if args.batch_size % world:
-        print(f"error: --batch-size {args.batch_size} is not divisible by {world} processes", file=sys.stderr)
-        return 2
-    seed_everything(args.seed + d.rank)
-    tok = tok.to(d.device).eval()
-
-    # 1. latents, once (each rank encodes its share of the shards)
-    t0 = time.time()
-    lat_dir.mkdir(parents=True, exist_ok=True)
+        tok_cfg = FrameTokenizer.load(tok_dir).cfg
+        check_stamp(Path(args.out) / "latents", tok_dir, "delete it or use a new --out")  # every rank checks, so all exit together
+    if tuple(meta["frame_size"]) != tuple(tok_cfg.frame_size):
+        raise UsageError(f"dataset frames are {meta['frame_size']} but the tokenizer takes {list(tok_cfg.frame_size)}")
+    run = Run.start(args, "teacher", Schedule(args.warmup, args.steps, min_ratio=0.1, max_minutes=args.max_minutes), args.export_only)
+    d = run.d
+    train_lat, _ = encode_latents(data, tok_dir, run.out / "latents", d)  # once; each rank encodes its share of the shards
     if d.is_main:
-        write_json(stamp, tok_id)
-    train_lat = encode_split(data, "train", tok, lat_dir, d.rank, world)
-    encode_split(data, "heldout", tok, lat_dir, d.rank, world)
-    barrier()
-    if d.is_main:
-        print(f"latents ready in {lat_dir} ({time.time() - t0:.0f}s)")
+        print(f"latents ready in {run.out / 'latents'} ({run.wall():.0f}s)")
 
-    # 2. model, EMA, optimizer; resume if a checkpoint exists
     shape = {} if args.patch_size is None else {"patch_size": args.patch_size}
-    try:
-        cfg = dit_config(args.preset, in_channels=tok.cfg.channels, latent_size=tok.cfg.latent_size, num_actions=meta["num_actions"], sink_chunks=args.sink_chunks,
+    with usage_errors():
+        cfg = dit_config(args.preset, in_channels=tok_cfg.channels, latent_size=tok_cfg.latent_size, num_actions=meta["num_actions"], sink_chunks=args.sink_chunks,
                          window_chunks=args.window_chunks, prev_frame=args.prev_frame, delta=args.delta, predict=args.predict, **shape)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     if args.frames % cfg.frames_per_chunk:
-        print(f"error: --frames {args.frames} must be a multiple of frames_per_chunk {cfg.frames_per_chunk}", file=sys.stderr)
-        return 2
-    ckpt = out / "checkpoint"
+        raise UsageError(f"--frames {args.frames} must be a multiple of frames_per_chunk {cfg.frames_per_chunk}")
     dit = CausalDiT(cfg).to(d.device)
     ema = copy.deepcopy(dit).eval().requires_grad_(False)
     opt = torch.optim.AdamW(dit.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
-    step, wall_before = 0, 0.0  # wall time of earlier (killed) parts of this run
-    train_args = args  # the arguments the checkpoint was trained with (for the model card)
-    recover(ckpt)
-    if d.is_main and not args.export_only:  # only the checkpoint's writer (rank 0 of a training run) may
-        remove_stale_temps(ckpt)  # remove the temp folders of saves a kill cut short
-    if ckpt.exists():
-        try:
-            step, state = resume(ckpt, cfg, dit, ema, opt, d.device)
-        except CheckpointError as e:
-            print(f"error: cannot resume: {e}", file=sys.stderr)
-            return 2
-        if d.is_main:
-            print(f"resumed from {ckpt} at step {step}")
-    elif args.export_only:
-        print(f"error: --export-only needs a checkpoint in {ckpt}", file=sys.stderr)
-        return 2
-    if args.export_only:
-        args.steps = step  # nothing to train
-        train_args = argparse.Namespace(**state["args"])
-    if ckpt.exists():
-        wall_before = float(state.get("wall_s", 0.0))  # checkpoints before wall_s was recorded count 0
+    train_args = run.resume(cfg, nets={"model": ema, "raw": dit}, opts={"dit": opt})
     n_params = sum(p.numel() for p in dit.parameters())
-    model: torch.nn.Module = PackForward(dit)
-    if world > 1:
-        model = DDP(model)
-    log = Logger(out, enabled=d.is_main, resume_step=step)
+    model = PackForward(dit) if d.world_size == 1 else DDP(PackForward(dit))
     if d.is_main:
-        if not args.export_only:
-            write_json(out / "args.json", vars(args))
-        print(f"teacher {args.preset}: {n_params / 1e6:.2f}M parameters, {cfg.tokens_per_frame} tokens/frame, {args.frames} frames/window, {world} process(es) on {d.device}")
+        print(f"teacher {args.preset}: {n_params / 1e6:.2f}M parameters, {cfg.tokens_per_frame} tokens/frame, {args.frames} frames/window, {d.world_size} process(es) on {d.device}")
 
-    def save(step: int) -> None:
-        if d.is_main:
-            otensors, oskel = flatten_optimizer(opt)
-            save_checkpoint(ckpt, {"kind": "dit", "config": to_dict(cfg)}, {"model": ema.state_dict(), "raw": dit.state_dict(), "optimizer": otensors}, {"step": step, "optimizer": oskel, "args": vars(args), "wall_s": wall_before + time.time() - t0})
-        barrier()
+    batches = windows(train_lat, args.frames, args.batch_size // d.world_size, d, seed=run.seeds.int("data", run.step, shared=True))
+    g = run.seeds.generator("noise", run.step)
+    while run.training():
+        loss, parts = teacher_loss(model, next(batches), args, cfg.num_actions, g)
+        gnorm = run.update(opt, loss, dit, args.lr)
+        ema_update(ema, dit, args.ema if run.step >= args.warmup else 0.0)
+        run.step_done(parts, gnorm)
+    run.finish()
 
-    # 3. train
-    per_rank = args.batch_size // world
-    data_it = batches(train_lat, args, d.rank, world, per_rank, seed=args.seed * 100003 + step)
-    g = torch.Generator().manual_seed(args.seed * 7919 + d.rank * 104729 + step)
-    bar = tqdm(total=args.steps, initial=step, desc="teacher", disable=not d.is_main, dynamic_ncols=True)
-    t_log, seen = time.time(), 0
-    acc: dict[str, float] = {}
-    def wall() -> float:
-        return wall_before + time.time() - t0
-
-    def out_of_time() -> bool:  # every rank stops at the same step
-        return args.max_minutes is not None and all_reduce_mean(float(wall() >= 60 * args.max_minutes), d) > 0
-
-    while step < args.steps and not out_of_time():
-        batch = {k: v.to(d.device) for k, v in next(data_it).items()}
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args, wall())
-        loss, parts = teacher_loss(model, batch, args, cfg.num_actions, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
-        if not torch.isfinite(gnorm):  # from the all-reduced gradients, so every rank agrees
-            raise FloatingPointError(f"gradient norm is {gnorm.item()} at step {step} (loss {loss.item()}); lower --lr")
-        opt.step()
-        ema_update(ema, dit, args.ema if step >= args.warmup else 0.0)
-        step += 1
-        seen += 1
-        for k, v in parts.items():
-            acc[k] = acc.get(k, 0.0) + v
-        bar.update(1)
-        if step % args.log_every == 0 or step == args.steps:
-            dt = time.time() - t_log
-            scalars = {k: all_reduce_mean(v / seen, d) for k, v in acc.items()}
-            scalars.update({"lr": lr_at(step, args, wall()), "grad_norm": float(gnorm), "steps_per_s": seen / dt})
-            log.log(step, **scalars)
-            bar.set_postfix(flow=f"{scalars['loss/flow']:.4f}", sps=f"{seen / dt:.2f}")
-            acc, seen, t_log = {}, 0, time.time()
-        if step % args.ckpt_every == 0 or step == args.steps:
-            save(step)
-    stopped_between = step % args.ckpt_every != 0 and step < args.steps  # by --max-minutes, after the last checkpoint
-    if stopped_between or not ckpt.exists():
-        save(step)
-    bar.close()
-    log.close()
-
-    # 4. export the world model (EMA weights) with real start contexts from held-out episodes
-    if d.is_main:
-        frames, actions = start_contexts(data, n=16, length=cfg.sink_chunks * cfg.frames_per_chunk + 3 * cfg.frames_per_chunk)
-        info = {
-            "game": meta["game"],
-            "env_id": meta.get("env_id"),
-            "action_meanings": meta["action_meanings"],
-            "frame_size": list(meta["frame_size"]),
-            "frameskip": meta["frameskip"],
-            "sampling": to_dict(SamplingConfig(steps=args.sample_steps)),
-            "trained": {"stage": "teacher", "steps": step, "preset": args.preset, "data": str(data)},
-        }
-        card = model_card(train_args, meta, n_params, step, wall_before + time.time() - t0, d)
-        remove_stale_temps(out / "model")  # export_world_model writes through the same temp-folder scheme
-        export_world_model(out / "model", ema, args.tokenizer, info, frames, actions, card)
-        print(f"exported world model to {out / 'model'}")
-    cleanup_dist()
+    if d.is_main:  # the world model (EMA weights) with real start contexts from held-out episodes
+        info = {"game": meta["game"], "env_id": meta.get("env_id"), "action_meanings": meta["action_meanings"], "frame_size": list(meta["frame_size"]),
+                "frameskip": meta["frameskip"], "sampling": to_dict(SamplingConfig(steps=args.sample_steps)),
+                "trained": {"stage": "teacher", "steps": run.step, "preset": args.preset, "data": str(data)}}
+        export_world(run.out, ema, tok_dir, info, data, card(train_args, meta, n_params, run.step, run.wall(), d))
+    run.close()
     return 0
 
 
-def check_same_config(ckpt: Path, cfg: DiTConfig) -> None:
-    """A training checkpoint resumes only into a model of the same shape."""
-    saved = read_config(ckpt)
-    try:
-        same = from_dict(DiTConfig, saved.get("config", {})) == cfg
-    except (TypeError, ValueError):
-        same = False
-    if not same:
-        raise CheckpointError(f"{ckpt} holds a model of another shape ({saved.get('config')}); use a new --out or the same arguments")
+def card(args: argparse.Namespace, meta: dict, n_params: int, step: int, wall: float, d) -> str:
+    return model_card(f"{meta['game']} (teacher)", [
+        f"Stage: teacher (flow matching, teacher forcing), preset `{args.preset}`, {n_params / 1e6:.2f}M parameters",
+        f"Data: {meta.get('splits', {}).get('train', {}).get('steps', '?')} training steps of real {meta['game']} play recorded by `train.collect`",
+        f"Optimizer steps: {step}, batch {args.batch_size} windows of {args.frames} frames",
+        f"Hardware: {hardware(d)} x {d.world_size} process(es); wall time {wall / 60:.1f} min (latent encoding and training, all resumed parts)",
+        f"Network: predicts {args.predict}; previous frame concatenated {'yes' if args.prev_frame else 'no'}, change-from-previous parameterisation {'yes' if args.delta else 'no'}; "
+        f"flow loss change weight {args.change_weight} (threshold {args.change_threshold}); logit-normal level mean {args.level_mean}",
+        f"Samples with {args.sample_steps} Euler steps by default",
+    ], "train.teacher", args)
 
 
-def resume(ckpt: Path, cfg: DiTConfig, dit: CausalDiT, ema: CausalDiT, opt: torch.optim.Optimizer, device: torch.device) -> tuple[int, dict]:
-    """Load raw and EMA weights and the optimizer from a training checkpoint; returns its step and state."""
-    check_same_config(ckpt, cfg)
-    state = read_state(ckpt)
-    if state is None or "step" not in state or "optimizer" not in state:
-        raise CheckpointError(f"{ckpt} has no usable state.json (step, optimizer); it is not a training checkpoint")
-    load_into(dit, ckpt, "raw")
-    load_into(ema, ckpt, "model")
-    unflatten_optimizer(opt, {k: v.to(device) for k, v in load_tensors(ckpt, "optimizer").items()}, state["optimizer"])
-    return int(state["step"]), state
-
-
-def start_contexts(data: Path, n: int, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first `length` frames (and actions) of up to n held-out episodes (train episodes if none)."""
-    frames, actions = [], []
-    for split in ("heldout", "train"):
-        for shard in list_shards(data, split):
-            arr = load_shard(shard)
-            for s, e in episodes(arr):
-                if e - s >= length:
-                    frames.append(arr["frames"][s:s + length])
-                    actions.append(arr["actions"][s:s + length])
-                if len(frames) == n:
-                    return np.stack(frames), np.stack(actions).astype(np.int64)
-        if frames:
-            break
-    if not frames:
-        raise ValueError(f"no episode in {data} has {length} frames for a start context")
-    return np.stack(frames), np.stack(actions).astype(np.int64)
-
-
-def model_card(args: argparse.Namespace, meta: dict, n_params: int, step: int, wall: float, d) -> str:
-    hw = torch.cuda.get_device_name(0) if d.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    flags = {k: v for k, v in vars(args).items() if k != "export_only" and v is not None and v is not False}
-    cmd = "python -m train.teacher " + " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in flags.items())
-    return (
-        f"# World model: {meta['game']} (teacher)\n\n"
-        f"- Stage: teacher (flow matching, teacher forcing), preset `{args.preset}`, {n_params / 1e6:.2f}M parameters\n"
-        f"- Data: {meta.get('splits', {}).get('train', {}).get('steps', '?')} training steps of real {meta['game']} play recorded by `train.collect`\n"
-        f"- Optimizer steps: {step}, batch {args.batch_size} windows of {args.frames} frames\n"
-        f"- Hardware: {hw} x {d.world_size} process(es); wall time {wall / 60:.1f} min (latent encoding and training, all resumed parts)\n"
-        f"- Network: predicts {args.predict}; previous frame concatenated {'yes' if args.prev_frame else 'no'}, change-from-previous parameterisation {'yes' if args.delta else 'no'}; "
-        f"flow loss change weight {args.change_weight} (threshold {args.change_threshold}); logit-normal level mean {args.level_mean}\n"
-        f"- Samples with {args.sample_steps} Euler steps by default\n\n"
-        f"Reproduce:\n\n    {cmd}\n"
-    )
+main = stage_main(parse_args, train)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import statistics
 import sys
 import time
@@ -29,20 +28,17 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
-from envs.dataset import iter_windows, list_shards, load_shard, read_meta
 from envs.probe import probe_for
 from train.eval_metrics import probe_errors
-from train.common import (Dist, Logger, all_reduce_mean, barrier, cleanup_dist, ema_update, seed_everything,
-                          setup_dist, write_json)
+from train.common import Dist, ema_update, write_json
+from train.dataset import iter_windows, list_shards, load_shard, read_meta
+from train.skeleton import Run, Schedule, Seeds, UsageError, read_network_config
 from worldmodel import cli
-from worldmodel.checkpoint import (CheckpointError, flatten_optimizer, load_into, load_tensors, read_config,
-                                   read_state, remove_stale_temps, save_checkpoint, unflatten_optimizer)
+from worldmodel.checkpoint import CheckpointError
 from worldmodel.config import TokenizerConfig, from_dict, to_dict
 from worldmodel.tokenizer import FrameTokenizer, frames_to_pixels
 
-TRAIN_CHECKPOINT_KIND = "tokenizer_train"
 MEDIAN_FRAMES = 2048  # frames sampled to compute the per-pixel median ("background") frame
 STATS_FRAMES = 2048  # frames sampled to measure the per-channel latent mean / std
 SAMPLE_MAX_SHARDS = 8  # those samples are drawn from at most this many shards (spread over the split)
@@ -54,10 +50,6 @@ MIN_LR_RATIO = 0.1
 DECODE_WARMUP, DECODE_REPEATS = 10, 50  # decode-speed measurement at batch 1
 PSNR_CAP_DB = 100.0  # per-frame PSNR of an exact reconstruction (MSE 0) is reported as this
 SHARDS_IN_MEMORY = 4  # shards each rank holds while streaming (wider pool, less correlated batches)
-
-
-class UsageError(ValueError):
-    """Bad command-line input or data; reported as one line, exit status 2."""
 
 
 # ---- data ------------------------------------------------------------------------------------------------
@@ -103,54 +95,6 @@ def tokenizer_loss(recon: torch.Tensor, kl: torch.Tensor, frames: torch.Tensor, 
     diff = recon.float() - x  # (B, 3, H, W)
     rec = (weight * (diff.abs() + diff**2)).sum() / (weight.sum() * diff.shape[1])
     return rec + kl_weight * kl.float().mean() / x[0].numel(), rec
-
-
-# ---- checkpoint ------------------------------------------------------------------------------------------
-def save_training(path: Path, cfg: TokenizerConfig, step: int, tok: FrameTokenizer, ema: FrameTokenizer | None,
-                  opt: torch.optim.Optimizer, rng_states: list[torch.Tensor], args: argparse.Namespace) -> None:
-    opt_tensors, opt_skel = flatten_optimizer(opt)
-    tensors = {"model": tok.state_dict(), "optimizer": opt_tensors,
-               "rng": {f"torch.rank{r}": s for r, s in enumerate(rng_states)}}
-    if ema is not None:
-        tensors["ema"] = ema.state_dict()
-    state = {"step": step, "world_size": len(rng_states), "optimizer": opt_skel, "args": vars(args)}
-    save_checkpoint(path, {"kind": TRAIN_CHECKPOINT_KIND, "config": to_dict(cfg)}, tensors, state)
-
-
-def read_training_config(path: Path) -> TokenizerConfig:
-    meta = read_config(path)
-    if meta.get("kind") != TRAIN_CHECKPOINT_KIND:
-        raise CheckpointError(f"{str(path)!r} is not a tokenizer training checkpoint (kind {meta.get('kind')!r})")
-    try:
-        return from_dict(TokenizerConfig, meta["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"tokenizer config in {str(path)!r} is invalid: {e}") from None
-
-
-def load_training(path: Path, tok: FrameTokenizer, ema: FrameTokenizer | None, opt: torch.optim.Optimizer | None,
-                  d: Dist) -> int:
-    """Restore weights, EMA, optimizer and this rank's RNG from a training checkpoint; return its step."""
-    state = read_state(path)
-    if state is None:
-        raise CheckpointError(f"{path} has no state.json; delete the folder to start over")
-    load_into(tok, path, "model")
-    if ema is not None:
-        load_into(ema, path, "ema")
-    if opt is not None:
-        unflatten_optimizer(opt, load_tensors(path, "optimizer"), state["optimizer"])
-    rng = load_tensors(path, "rng")
-    if state["world_size"] == d.world_size:  # another process count keeps the fresh per-rank seeds
-        torch.set_rng_state(rng[f"torch.rank{d.rank}"])
-    return int(state["step"])
-
-
-def gather_rng(d: Dist) -> list[torch.Tensor]:
-    state = torch.get_rng_state()
-    if d.world_size == 1:
-        return [state]
-    out: list[torch.Tensor | None] = [None] * d.world_size
-    torch.distributed.all_gather_object(out, state)
-    return out
 
 
 # ---- export and evaluation -------------------------------------------------------------------------------
@@ -220,25 +164,25 @@ def measure_decode_ms(tok: FrameTokenizer) -> float:
 
 
 def export(args: argparse.Namespace, cfg: TokenizerConfig, weights: dict[str, torch.Tensor] | None,
-           median: np.ndarray, step: int, device: torch.device) -> dict:
+           median: np.ndarray, step: int, device: torch.device, seeds: Seeds) -> dict:
     """Write RUN_DIR/tokenizer/ (with latent statistics) and its metrics.json; return the metrics."""
     out_dir = Path(args.out) / "tokenizer"
     tok = FrameTokenizer(copy.deepcopy(cfg)).to(device).eval()
     if weights is not None:
         tok.load_state_dict(weights)
     train_shards = list_shards(args.data, "train")
-    mean, std = measure_latent_stats(tok, sample_frames(train_shards, STATS_FRAMES, args.seed + 1))
+    mean, std = measure_latent_stats(tok, sample_frames(train_shards, STATS_FRAMES, seeds.int("stats", shared=True)))
     tok.set_latent_stats(mean, std)
     tok.save(out_dir)
     tok = FrameTokenizer.load(out_dir, device=device)  # evaluate exactly what a user loads
     heldout = list_shards(args.data, "heldout")
     if heldout:
-        quality = evaluate_psnr(tok, sample_frames(heldout, args.eval_frames, args.seed + 2), median)
+        quality = evaluate_psnr(tok, sample_frames(heldout, args.eval_frames, seeds.int("eval", shared=True)), median)
     else:
         print(f"warning: no held-out shards in {args.data}/heldout; PSNR is not measured", file=sys.stderr)
         quality = {"psnr": None, "psnr_rare_pixels": None, "eval_frames": 0, "rare_pixel_fraction": None}
     probe = probe_for(read_meta(args.data)["game"])
-    fidelity = probe_fidelity(tok, sample_frames(heldout, args.eval_frames, args.seed + 2), probe) if heldout and probe else {}
+    fidelity = probe_fidelity(tok, sample_frames(heldout, args.eval_frames, seeds.int("eval", shared=True)), probe) if heldout and probe else {}
     metrics = {
         "kind": cfg.kind,
         "step": step,
@@ -255,12 +199,23 @@ def export(args: argparse.Namespace, cfg: TokenizerConfig, weights: dict[str, to
 
 
 # ---- training --------------------------------------------------------------------------------------------
-def learning_rate(step: int, args: argparse.Namespace) -> float:
-    warmup = min(WARMUP_STEPS, max(1, args.steps // 10))  # short runs (tests) warm up for a tenth
-    if step < warmup:
-        return args.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, args.steps - warmup)
-    return args.lr * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+def config(args: argparse.Namespace, meta: dict, ckpt: Path) -> TokenizerConfig:
+    """The tokenizer's config: the checkpoint's when resuming (a --config that differs is refused), else --config."""
+    try:
+        overrides = json.loads(args.config)
+        requested = from_dict(TokenizerConfig, {**overrides, "kind": args.kind, "frame_size": tuple(meta["frame_size"])})
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise UsageError(f"bad --config {args.config!r}: {e}") from None
+    if not ckpt.exists():
+        return requested
+    cfg = read_network_config(ckpt, TokenizerConfig)
+    if cfg.kind != args.kind:
+        raise UsageError(f"{ckpt} holds a {cfg.kind!r} tokenizer but --kind is {args.kind!r}; use another --out")
+    if overrides and cfg != requested:
+        raise UsageError(f"{ckpt} was trained with config {to_dict(cfg)}, not the --config given; use another --out")
+    if cfg.frame_size != tuple(meta["frame_size"]):
+        raise UsageError(f"the checkpoint's frame_size {cfg.frame_size} differs from the data's {tuple(meta['frame_size'])}")
+    return cfg
 
 
 def train(args: argparse.Namespace) -> dict | None:
@@ -270,94 +225,43 @@ def train(args: argparse.Namespace) -> dict | None:
     train_shards = list_shards(args.data, "train")
     if not train_shards:
         raise UsageError(f"no training shards in {args.data}/train")
-    run_dir = Path(args.out)
-    ckpt_dir, export_dir = run_dir / "checkpoint", run_dir / "tokenizer"
-    try:
-        overrides = json.loads(args.config)
-        requested = from_dict(TokenizerConfig, {**overrides, "kind": args.kind, "frame_size": tuple(meta["frame_size"])})
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
-        raise UsageError(f"bad --config {args.config!r}: {e}") from None
-    if ckpt_dir.exists():
-        cfg = read_training_config(ckpt_dir)
-        if cfg.kind != args.kind:
-            raise UsageError(f"{ckpt_dir} holds a {cfg.kind!r} tokenizer but --kind is {args.kind!r}; use another --out")
-        if overrides and cfg != requested:
-            raise UsageError(f"{ckpt_dir} was trained with config {to_dict(cfg)}, not the --config given; use another --out")
-    else:
-        cfg = requested
-    if cfg.frame_size != tuple(meta["frame_size"]):
-        raise UsageError(f"the checkpoint's frame_size {cfg.frame_size} differs from the data's {tuple(meta['frame_size'])}")
-
-    try:
-        d = setup_dist(args.device)
-    except ValueError as e:
-        raise UsageError(f"--device: {e}") from None
-    if args.batch_size % d.world_size:
-        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the {d.world_size} processes")
-    seed_everything(args.seed + d.rank)
-    tok = FrameTokenizer(cfg).to(d.device)
+    cfg = config(args, meta, Path(args.out) / "checkpoint")
     steps = args.steps if cfg.kind == "vae" else 0  # pixel patches have nothing to train
+    run = Run.start(args, "tokenizer", Schedule(min(WARMUP_STEPS, max(1, steps // 10)), steps, MIN_LR_RATIO))  # short runs warm up for a tenth
+    d = run.d
+    tok = FrameTokenizer(cfg).to(d.device)
     ema = copy.deepcopy(tok).eval() if args.ema_decay > 0 else None
     opt = torch.optim.AdamW(tok.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay) if steps else None
-    if d.is_main:
-        remove_stale_temps(ckpt_dir)  # of saves a kill cut short; only rank 0 writes the checkpoint (may remove them)
-    step = load_training(ckpt_dir, tok, ema, opt, d) if ckpt_dir.exists() else 0
-    if step >= steps and (export_dir / "metrics.json").exists():
+    run.resume(cfg, nets={"raw": tok, **({"model": ema} if ema is not None else {})}, opts={"tokenizer": opt} if opt else {})
+    export_dir = run.out / "tokenizer"
+    if run.step >= steps and (export_dir / "metrics.json").exists():
         if d.is_main:
-            print(f"already finished: trained {step} of {steps} steps; the tokenizer is in {export_dir}")
-        cleanup_dist()
+            print(f"already finished: trained {run.step} of {steps} steps; the tokenizer is in {export_dir}")
+        run.finish()
+        run.close()
         return None
-    if step and d.is_main:
-        print(f"resuming from {ckpt_dir} at step {step}")
 
     # The median frame is the "background"; computed identically on every rank from the same sample.
-    median = np.median(sample_frames(train_shards, MEDIAN_FRAMES, args.seed), axis=0).astype(np.uint8)  # (H, W, 3)
+    median = np.median(sample_frames(train_shards, MEDIAN_FRAMES, run.seeds.int("median", shared=True)), axis=0).astype(np.uint8)  # (H, W, 3)
     median_t = torch.from_numpy(median).to(d.device)
-    model = DDP(tok) if d.world_size > 1 and steps > step else tok  # DDP refuses a module with no parameters
-    data_seed = int(np.random.SeedSequence([args.seed, step]).generate_state(1)[0])  # fresh stream on resume
-    batches = frame_batches(train_shards, args.batch_size // d.world_size, data_seed, d)
-    logger = Logger(run_dir, enabled=d.is_main, resume_step=step)
-    bar = tqdm(total=steps, initial=step, disable=not d.is_main, desc="tokenizer", dynamic_ncols=True)
-    t_last, last_logged = time.perf_counter(), step
-    while step < steps:
-        lr = learning_rate(step, args)
-        for group in opt.param_groups:
-            group["lr"] = lr
+    model = DDP(tok) if d.world_size > 1 and steps > run.step else tok  # DDP refuses a module with no parameters
+    batches = frame_batches(train_shards, args.batch_size // d.world_size, run.seeds.int("data", run.step, shared=True), d)
+    while run.training():
         frames = next(batches).to(d.device)  # (b, H, W, 3)
         x = frames_to_pixels(frames)  # (b, 3, H, W)
         recon, kl = model(x)  # (b, 3, H, W), (b,)
         loss, rec = tokenizer_loss(recon, kl, frames, median_t, args.rare_weight, args.kl_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(tok.parameters(), args.grad_clip)
-        opt.step()
+        gnorm = run.update(opt, loss, tok, args.lr, clip=args.grad_clip)
         if ema is not None:
             ema_update(ema, tok, args.ema_decay)
-        step += 1
-        bar.update(1)
-        if step % args.log_every == 0 or step == steps:
-            with torch.no_grad():
-                psnr = float(psnr_from_mse((recon.detach().clamp(-1, 1) - x).pow(2).mean()))
-            now = time.perf_counter()
-            scalars = {"loss": all_reduce_mean(loss.item(), d), "recon": all_reduce_mean(rec.item(), d),
-                       "kl": all_reduce_mean(kl.mean().item(), d), "psnr": all_reduce_mean(psnr, d), "lr": lr,
-                       "sec_per_step": (now - t_last) / (step - last_logged)}
-            t_last, last_logged = now, step
-            logger.log(step, **scalars)
-            bar.set_postfix(loss=f"{scalars['loss']:.4f}", psnr=f"{scalars['psnr']:.1f}")
-        if step % args.ckpt_every == 0 or step == steps:
-            rng_states = gather_rng(d)
-            if d.is_main:
-                save_training(ckpt_dir, cfg, step, tok, ema, opt, rng_states, args)
-            barrier()
-    bar.close()
-    logger.close()
-    cleanup_dist()
+        with torch.no_grad():
+            psnr = float(psnr_from_mse((recon.detach().clamp(-1, 1) - x).pow(2).mean()))
+        run.step_done({"loss": loss.item(), "recon": rec.item(), "kl": kl.mean().item(), "psnr": psnr}, gnorm)
+    run.finish()
+    run.close()
     if not d.is_main:
         return None
-    weights = (ema if ema is not None else tok).state_dict()
-    metrics = export(args, cfg, weights, median, step, d.device)
-    return metrics
+    return export(args, cfg, (ema if ema is not None else tok).state_dict(), median, run.step, d.device, run.seeds)
 
 
 # ---- command line ----------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ The teacher-forcing pack (`CausalDiT.forward_pack`) applies the same rule, which
 between cached generation and the full-sequence forward checks.
 
 Cache layout, per layer, slots of one chunk each: [scratch | S sinks | W ring]. The chunk being generated
-writes its keys/values into the scratch slot at every denoising step; the clean re-cache pass (t=0)
+writes its keys/values into the scratch slot at every denoising step; the clean re-cache pass (s=0)
 then commits the scratch into its permanent slot. Slots fill in order, so filled slots are always a
 prefix and a batch whose worlds are all at the same chunk needs no mask.
 """
@@ -138,7 +138,7 @@ class KVCache:
         return attention(q, keys, vals, mask=r["mask"])
 
     def commit(self, worlds: torch.Tensor | None = None, last_frame: torch.Tensor | None = None) -> None:
-        """Move the scratch slot (the clean chunk just run at t=0) into its permanent slot, and keep that
+        """Move the scratch slot (the clean chunk just run at s=0) into its permanent slot, and keep that
         chunk's `last_frame` (B, C, h, w) as the next chunk's previous frame (detached, like the cache).
         `worlds` (B,) bool: commit only those worlds (e.g. the ones being reset); the rest keep their context."""
         b = torch.arange(self.batch, device=self.n_chunks.device)

@@ -1,9 +1,13 @@
-"""What the command lines share: the --help layout, and checks of --seed and --device values that name the
-flag, instead of a traceback from deep inside numpy or torch."""
+"""What the command lines share: the --help layout, checks of --seed and --device values that name the
+flag, instead of a traceback from deep inside numpy or torch, and their reports as strict JSON."""
 from __future__ import annotations
 
 import argparse
 import copy
+import math
+from typing import Any
+
+import numpy as np
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -34,11 +38,25 @@ def seed(text: str) -> int:
 
 
 def check_device(parser: argparse.ArgumentParser, device: str, flag: str = "--device") -> str:
-    """The device `worldmodel.runtime.resolve_device` makes of a --device value ("auto" becomes cuda or cpu), as a
+    """The device `worldmodel.device.resolve_device` makes of a --device value ("auto" becomes cuda or cpu), as a
     string; parser.error (exit 2, naming the flag) when this torch cannot use it."""
-    from worldmodel.runtime import resolve_device
+    from worldmodel.device import resolve_device
 
     try:
         return str(resolve_device(device))
     except ValueError as e:
         parser.error(f"{flag}: {e}")
+
+
+def jsonable(x: Any) -> Any:
+    """A report as strict JSON (`json.dumps(..., allow_nan=False)` takes it): numpy scalars to Python, NaN and
+    inf to None (JSON has neither), keys to strings, tuples to lists."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, (np.integer, np.bool_)):
+        return x.item()
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    return x

@@ -4,25 +4,31 @@ Latent tokens of each frame, frames grouped in chunks, block-causal attention be
 positions in (time, row, col), per-frame adaLN-Zero conditioning on noise level and action, and small
 heads that read reward and episode end off the features of a clean chunk.
 
-The network knows nothing of the noise schedule: it maps (latents, per-frame noise level t in [0, 1],
+The network knows nothing of the noise schedule: it maps (latents, per-frame noise level s in [0, 1],
 per-frame action) to a velocity; `worldmodel.flow` holds the maths and `worldmodel.sampler` the loop.
 Two ways to run it:
 - `forward_pack`: the teacher-forcing sequence [clean chunks | noisy chunks] in one pass (training);
-- `forward_cached`: one chunk against a `KVCache` (generation; `commit=True` for the clean t=0 pass).
+- `forward_cached`: one chunk against a `KVCache` (generation; `commit=True` for the clean s=0 pass).
+`save_dit` / `load_dit` write and read it as a `worldmodel.checkpoint` folder with its config.
 """
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
 
 from .attention import Rotary, apply_rotary, attention
 from .cache import KVCache, query_position, token_positions, visible
-from .config import X0_MIN_LEVEL, DiTConfig
+from .checkpoint import CheckpointError, load_into, read_config, save_checkpoint
+from .config import X0_MIN_LEVEL, DiTConfig, from_dict, to_dict
 from .flow import expand
+
+EVENT_PRIOR = 0.01  # initial probability of the rare-event heads (a reward paid, the episode ended) per frame
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -30,18 +36,18 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class TimestepEmbedder(nn.Module):
-    """Noise level t in [0, 1] -> sinusoidal features -> MLP."""
+    """Noise level s in [0, 1] -> sinusoidal features -> MLP."""
 
     def __init__(self, dim: int, freq_dim: int = 256) -> None:
         super().__init__()
         self.freq_dim = freq_dim
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
-        dtype = torch.promote_types(t.dtype, torch.float32)  # float32 or wider (float64 in gradient checks)
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=dtype) / half)
-        args = (t.to(dtype) * 1000.0)[..., None] * freqs  # (..., half)
+        dtype = torch.promote_types(s.dtype, torch.float32)  # float32 or wider (float64 in gradient checks)
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=s.device, dtype=dtype) / half)
+        args = (s.to(dtype) * 1000.0)[..., None] * freqs  # (..., half)
         emb = torch.cat([args.cos(), args.sin()], dim=-1)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
@@ -160,6 +166,13 @@ class CausalDiT(nn.Module):
         nn.init.zeros_(self.final.ada[-1].bias)
         nn.init.zeros_(self.final.linear.weight)
         nn.init.zeros_(self.final.linear.bias)
+        # Rewards and episode ends are rare events: their logits start at the log-odds of EVENT_PRIOR (as focal-loss
+        # detectors start their class logits), so an untrained or briefly trained model neither pays a reward nor
+        # ends the episode on every step; a zero bias put both at probability 0.5, which is the end threshold.
+        prior_logit = math.log(EVENT_PRIOR / (1 - EVENT_PRIOR))
+        with torch.no_grad():
+            self.heads[-1].bias[0] = prior_logit  # reward_logit
+            self.heads[-1].bias[2] = prior_logit  # end_logit
 
     # ----- tokens <-> latents -----
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
@@ -179,13 +192,13 @@ class CausalDiT(nn.Module):
         x = x.reshape(B, T, gh, gw, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)  # (B, T, C, gh, p, gw, p)
         return x.reshape(B, T, C, gh * p, gw * p)
 
-    def condition(self, t: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """t (B, T) float, actions (B, T) long -> per-frame conditioning (B, T, D)."""
+    def condition(self, s: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """s (B, T) float, actions (B, T) long -> per-frame conditioning (B, T, D)."""
         if actions.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"actions must be an integer tensor, got {actions.dtype}")
         if actions.numel() and (int(actions.min()) < 0 or int(actions.max()) > self.cfg.num_actions):
             raise ValueError(f"actions must lie in [0, {self.cfg.num_actions - 1}] (or {self.cfg.num_actions} for the null action), got range [{int(actions.min())}, {int(actions.max())}]")
-        return self.t_embed(t) + self.a_embed(actions)
+        return self.t_embed(s) + self.a_embed(actions)
 
     def previous_frames(self, x: torch.Tensor) -> torch.Tensor:
         """Each frame's previous frame in a sequence x (B, T, C, h, w): the last frame of the chunk before its
@@ -195,25 +208,25 @@ class CausalDiT(nn.Module):
         before = torch.cat([torch.zeros_like(last[:, :1]), last[:, :-1]], dim=1)  # (B, n, C, h, w)
         return before.repeat_interleave(Fc, dim=1)  # (B, T, C, h, w)
 
-    def tokens(self, x: torch.Tensor, t: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
-        """Input tokens (B, T, N, Din) of latents x (B, T, C, h, w) at levels t (B, T), with each frame's
+    def tokens(self, x: torch.Tensor, s: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
+        """Input tokens (B, T, N, Din) of latents x (B, T, C, h, w) at levels s (B, T), with each frame's
         previous frame `prev` (B, T, C, h, w) where the config uses it (`prev_frame`, `delta`)."""
-        if self.cfg.delta:  # the noisy change: x_t - (1 - t) prev = (1 - t)(x0 - prev) + t eps
-            x = x - expand(1 - t, x).to(x.dtype) * prev
+        if self.cfg.delta:  # the noisy change: x_s - (1 - s) prev = (1 - s)(x0 - prev) + s eps
+            x = x - expand(1 - s, x).to(x.dtype) * prev
         tok = self.patchify(x)
         if self.cfg.prev_frame:
             tok = torch.cat([tok, self.patchify(prev)], dim=-1)  # (B, T, N, 2 C p p)
         return tok
 
-    def velocity_out(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
-        """Output tokens (B, T, N, C*p*p) of the noisy frames x (B, T, C, h, w) at levels t (B, T) -> velocity
+    def velocity_out(self, out: torch.Tensor, x: torch.Tensor, s: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
+        """Output tokens (B, T, N, C*p*p) of the noisy frames x (B, T, C, h, w) at levels s (B, T) -> velocity
         (B, T, C, h, w). With `delta` the network predicts the change (its velocity eps - (x0 - prev), or
         x0 - prev), so prev is taken off (added back) to give the frame's."""
         o = self.unpatchify(out)
         if self.cfg.predict == "velocity":
             return o - prev if self.cfg.delta else o
         x0 = o + prev if self.cfg.delta else o
-        return (x - x0) / expand(t.clamp(min=X0_MIN_LEVEL), x).to(x.dtype)
+        return (x - x0) / expand(s.clamp(min=X0_MIN_LEVEL), x).to(x.dtype)
 
     def _body(self, x: torch.Tensor, c: torch.Tensor, attend: AttendFn) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, N, Din), c (B, T, D) -> (velocity tokens (B, T, N, Dout), pooled features (B, T, D))."""
@@ -247,14 +260,14 @@ class CausalDiT(nn.Module):
         self,
         clean: torch.Tensor,
         noisy: torch.Tensor,
-        t_clean: torch.Tensor,
-        t_noisy: torch.Tensor,
+        s_clean: torch.Tensor,
+        s_noisy: torch.Tensor,
         actions: torch.Tensor,
         noisy_actions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Heads]:
         """Teacher-forcing forward.
 
-        clean/noisy (B, T, C, h, w) latents of the same T frames; t_clean/t_noisy (B, T) noise levels;
+        clean/noisy (B, T, C, h, w) latents of the same T frames; s_clean/s_noisy (B, T) noise levels;
         actions (B, T) for the clean stream, noisy_actions (B, T) for the noisy one (defaults to actions;
         differs when actions are dropped for guidance). Returns the velocity for the noisy frames
         (B, T, C, h, w) and the heads read off the clean frames.
@@ -270,11 +283,11 @@ class CausalDiT(nn.Module):
         noisy_actions = actions if noisy_actions is None else noisy_actions
         # Both copies of frame i see the same previous frame: the clean stream's, context noise included (at
         # play time the previous frame is the model's own output, errors and all). Important: rescaled by
-        # 1 / (1 - t_clean) to the data's scale, so the noise is added to the frame rather than mixed in; a
-        # frame shrunk by (1 - t) would teach a change model to brighten every clean frame it sees at play.
-        prev = self.previous_frames(clean / expand(1 - t_clean, clean).to(clean.dtype)) if cfg.uses_prev else None
-        x = torch.cat([self.tokens(clean, t_clean, prev), self.tokens(noisy, t_noisy, prev)], dim=1)  # (B, 2T, N, Din)
-        c = torch.cat([self.condition(t_clean, actions), self.condition(t_noisy, noisy_actions)], dim=1)  # (B, 2T, D)
+        # 1 / (1 - s_clean) to the data's scale, so the noise is added to the frame rather than mixed in; a
+        # frame shrunk by (1 - s) would teach a change model to brighten every clean frame it sees at play.
+        prev = self.previous_frames(clean / expand(1 - s_clean, clean).to(clean.dtype)) if cfg.uses_prev else None
+        x = torch.cat([self.tokens(clean, s_clean, prev), self.tokens(noisy, s_noisy, prev)], dim=1)  # (B, 2T, N, Din)
+        c = torch.cat([self.condition(s_clean, actions), self.condition(s_noisy, noisy_actions)], dim=1)  # (B, 2T, D)
 
         mask, chunk, is_noisy = self.pack_mask(n, x.device)
         S, W = cfg.sink_chunks, cfg.window_chunks
@@ -310,14 +323,14 @@ class CausalDiT(nn.Module):
             return attention(q2, k2, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]))
 
         out, feats = self._body(x, c, attend)
-        v = self.velocity_out(out[:, T:], noisy, t_noisy, prev)
+        v = self.velocity_out(out[:, T:], noisy, s_noisy, prev)
         return v, self.read_heads(feats[:, :T])
 
     # ----- generation: one chunk against the KV cache -----
-    def forward_cached(self, x: torch.Tensor, t: torch.Tensor, actions: torch.Tensor, cache: KVCache, commit: bool | torch.Tensor = False) -> tuple[torch.Tensor, Heads]:
-        """x (B, F, C, h, w) one chunk, t/actions (B, F). Attends to the cache and itself.
+    def forward_cached(self, x: torch.Tensor, s: torch.Tensor, actions: torch.Tensor, cache: KVCache, commit: bool | torch.Tensor = False) -> tuple[torch.Tensor, Heads]:
+        """x (B, F, C, h, w) one chunk, s/actions (B, F). Attends to the cache and itself.
 
-        With commit=True (the clean re-cache pass; important: it must run at t=0 on the final clean
+        With commit=True (the clean re-cache pass; important: it must run at s=0 on the final clean
         chunk), the chunk's keys/values become permanent context for the chunks after it. A (B,) bool
         tensor commits only those worlds.
         """
@@ -327,8 +340,8 @@ class CausalDiT(nn.Module):
             raise ValueError(f"batch of {x.shape[0]} worlds does not match the cache's {cache.batch}")
         cache.begin()
         prev = cache.prev[:, None].expand_as(x) if self.cfg.uses_prev else None  # (B, F, C, h, w)
-        out, feats = self._body(self.tokens(x, t, prev), self.condition(t, actions), cache.attend)
-        v = self.velocity_out(out, x, t, prev)
+        out, feats = self._body(self.tokens(x, s, prev), self.condition(s, actions), cache.attend)
+        v = self.velocity_out(out, x, s, prev)
         last = x[:, -1] if self.cfg.uses_prev else None  # the next chunk's previous frame, where the network reads one
         if isinstance(commit, torch.Tensor):
             cache.commit(commit, last_frame=last)
@@ -339,3 +352,23 @@ class CausalDiT(nn.Module):
     def new_cache(self, batch: int) -> KVCache:
         p = next(self.parameters())
         return KVCache(self.cfg, batch, device=p.device, dtype=p.dtype)
+
+
+# ----- the checkpoint folder -----
+def save_dit(model: CausalDiT, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """The DiT's weights and config as a checkpoint folder (`extra`: more fields for its config.json)."""
+    return save_checkpoint(path, {"kind": "dit", "config": to_dict(model.cfg), **(extra or {})}, {"model": model.state_dict()})
+
+
+def load_dit(path: str | os.PathLike, device: str | torch.device = "cpu", group: str = "model") -> CausalDiT:
+    """A DiT checkpoint folder -> the network (its config from the folder), on `device`, in eval mode."""
+    meta = read_config(path)
+    if meta.get("kind") != "dit":
+        raise CheckpointError(f"{str(path)!r} is not a DiT checkpoint (kind {meta.get('kind')!r})")
+    try:
+        cfg = from_dict(DiTConfig, meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"the DiT config in {str(path)!r} is invalid: {e}") from None
+    model = CausalDiT(cfg)
+    load_into(model, path, group)
+    return model.to(device).eval()

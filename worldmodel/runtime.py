@@ -6,24 +6,24 @@ A world-model folder (what training exports and `assets/` ships):
     tokenizer/          the frame tokenizer
     start_frames.npz    real start contexts: frames (K, T, H, W, 3) uint8, actions (K, T) int64
     README.md           model card: data, steps, hardware, wall time, the command that made it
+`train.export.export_world_model` writes one; `WorldModel.load` and `load_start_frames` read it.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
-import time
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, load_into, read_config, replace_dir, save_checkpoint
-from .config import DiTConfig, SamplingConfig, from_dict, to_dict
-from .dit import CausalDiT, Heads
+from .checkpoint import CheckpointError, read_config
+from .config import SamplingConfig, from_dict
+from .device import resolve_dtype
+from .dit import CausalDiT, Heads, load_dit
 from .flow import sampling_levels
 from .sampler import denoise, randn_worlds, recache
 from .tokenizer import FrameTokenizer
@@ -33,23 +33,6 @@ MODEL_FORMAT_VERSION = 1
 
 class NonFiniteError(FloatingPointError):
     """A generated chunk or head turned NaN or infinite. Raised instead of returning black frames or NaN rewards."""
-
-
-def save_dit(model: CausalDiT, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-    return save_checkpoint(path, {"kind": "dit", "config": to_dict(model.cfg), **(extra or {})}, {"model": model.state_dict()})
-
-
-def load_dit(path: str | os.PathLike, device: str | torch.device = "cpu", group: str = "model") -> CausalDiT:
-    meta = read_config(path)
-    if meta.get("kind") != "dit":
-        raise CheckpointError(f"{str(path)!r} is not a DiT checkpoint (kind {meta.get('kind')!r})")
-    try:
-        cfg = from_dict(DiTConfig, meta["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"the DiT config in {str(path)!r} is invalid: {e}") from None
-    model = CausalDiT(cfg)
-    load_into(model, path, group)
-    return model.to(device).eval()
 
 
 def load_start_frames(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -67,65 +50,17 @@ def load_start_frames(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return frames, actions
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    """"float32" / "bfloat16" / "float16" (or the torch dtype itself; None means float32)."""
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
-    raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """"cpu", "cuda", "cuda:N", "mps", or "auto"/None (CUDA when this torch sees a GPU, else CPU). Refuses a device
-    this torch build cannot use with a message that says why, instead of a traceback from the first tensor moved."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}, but it sees no GPU"
-            raise ValueError(f"device {str(device)!r} asked for CUDA, but this torch {torch.__version__} is {build}; use --device cpu (or install a CUDA build of torch)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError(f"device {str(device)!r}: MPS is not available in this torch build or on this machine; use --device cpu")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
-    return dev
-
-
-class PhaseTimer:
-    """Wall time of each phase of `WorldModel.step_batch`, in seconds, one entry per call:
-    "denoise" (the transformer passes of the denoising steps, noise included), "recache" (the clean t=0
-    pass that extends the KV cache and reads the heads) and "decode" (latents -> uint8 frames on the host).
-    On CUDA each phase is synchronised at both ends, so the split is the device's, not the launch queue's."""
-
-    def __init__(self, device: torch.device | str = "cpu") -> None:
-        self.sync = torch.device(device).type == "cuda"
-        self.times: dict[str, list[float]] = {"denoise": [], "recache": [], "decode": []}
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        if self.sync:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        yield
-        if self.sync:
-            torch.cuda.synchronize()
-        self.times.setdefault(phase, []).append(time.perf_counter() - t0)
-
-    def clear(self) -> None:
-        for v in self.times.values():
-            v.clear()
+def check_context_frames(frames: np.ndarray, lead: tuple[int, ...], frame_shape: tuple[int, int, int], frames_per_chunk: int, what: str = "context frames") -> np.ndarray:
+    """Context frames (*lead, T, H, W, 3) uint8 with T a whole number (>= 1) of chunks, or a ValueError naming
+    the rule (`what`: how the message calls them)."""
+    frames, n, Fc = np.asarray(frames), len(lead), frames_per_chunk
+    want = f"uint8 of shape ({', '.join(map(str, (*lead, 'T', *frame_shape)))}) with T a whole number (>= 1) of {Fc}-frame chunks"
+    if frames.dtype != np.uint8 or frames.ndim != n + 4 or frames.shape[:n] != tuple(lead) or frames.shape[n + 1:] != tuple(frame_shape):
+        raise ValueError(f"{what} must be {want}, got {frames.dtype} {frames.shape}")
+    T = frames.shape[n]
+    if T < Fc or T % Fc:
+        raise ValueError(f"{what} must be {want}, got T = {T}")
+    return frames
 
 
 class WorldModel:
@@ -151,7 +86,9 @@ class WorldModel:
         # batch seeded s equals a batch-1 runtime seeded s + b (the vector env relies on this).
         self.generators = [torch.Generator(device=self.device) for _ in range(batch)]
         self.heads: Heads | None = None
-        self.timer: PhaseTimer | None = None  # set a PhaseTimer to record where step time goes (bench/)
+        # optional hook: called with "denoise", "recache", "decode" around each phase of a step, it returns the
+        # context manager that times it (bench.timer.PhaseTimer); None on the hot path
+        self.timer: Callable[[str], contextlib.AbstractContextManager] | None = None
         self._started = False
 
     @classmethod
@@ -202,12 +139,7 @@ class WorldModel:
         if frames.ndim == 4 and self.batch == 1:
             frames = frames[None]
             actions = np.asarray(actions)[None]
-        H, W, _ = self.frame_shape
-        if frames.ndim != 5 or frames.shape[0] != self.batch or frames.shape[2:] != (H, W, 3) or frames.dtype != np.uint8:
-            raise ValueError(f"context frames must be uint8 of shape ({self.batch}, T, {H}, {W}, 3), got {frames.dtype} {frames.shape}")
-        T, Fc = frames.shape[1], self.frames_per_chunk
-        if T < Fc or T % Fc:
-            raise ValueError(f"context of {T} frames is not a whole number (>= 1) of {Fc}-frame chunks")
+        frames = check_context_frames(frames, (self.batch,), self.frame_shape, self.frames_per_chunk)
         return frames, self._check_actions(actions, frames.shape[:2])
 
     @torch.no_grad()
@@ -241,13 +173,8 @@ class WorldModel:
             return
         if idx.min() < 0 or idx.max() >= self.batch or len(set(idx.tolist())) != idx.size:
             raise ValueError(f"worlds must be distinct indices in [0, {self.batch - 1}], got {idx.tolist()}")
-        frames = np.asarray(frames)
-        H, W, _ = self.frame_shape
-        if frames.ndim != 5 or frames.shape[0] != idx.size or frames.shape[2:] != (H, W, 3) or frames.dtype != np.uint8:
-            raise ValueError(f"context frames must be uint8 of shape ({idx.size}, T, {H}, {W}, 3), got {frames.dtype} {frames.shape}")
+        frames = check_context_frames(frames, (idx.size,), self.frame_shape, self.frames_per_chunk)
         T = frames.shape[1]
-        if T < self.frames_per_chunk or T % self.frames_per_chunk:
-            raise ValueError(f"context of {T} frames is not a whole number (>= 1) of {self.frames_per_chunk}-frame chunks")
         a = self._check_actions(actions, frames.shape[:2])
         if seeds is not None:
             self._seed(idx.tolist(), seeds)
@@ -354,24 +281,3 @@ class WorldModel:
         """Drop the model and cache (frees their memory)."""
         self.dit = self.tokenizer = self.cache = None  # type: ignore[assignment]
         self._started = False
-
-
-def export_world_model(path: str | os.PathLike, dit: CausalDiT, tokenizer_dir: str | os.PathLike, info: dict[str, Any], start_frames: np.ndarray, start_actions: np.ndarray, card: str) -> Path:
-    """Write a world-model folder (see the module docstring); the tokenizer is copied from its checkpoint."""
-    import shutil
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        (tmp / "config.json").write_text(json.dumps({"kind": "world_model", "format_version": MODEL_FORMAT_VERSION, **info}, indent=2))
-        save_dit(dit, tmp / "dit")
-        shutil.copytree(tokenizer_dir, tmp / "tokenizer")
-        np.savez_compressed(tmp / "start_frames.npz", frames=start_frames, actions=start_actions)
-        (tmp / "README.md").write_text(card)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_dir(tmp, path)
-    return path

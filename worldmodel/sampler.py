@@ -1,11 +1,17 @@
-"""Autoregressive generation with the KV cache: denoise a chunk in N steps, then re-cache it at t=0.
+"""Autoregressive generation with the KV cache: denoise a chunk in N steps, then re-cache it at s=0.
 
 Two step rules along a decreasing list of levels (see `SamplingConfig.solver`):
 - "euler": x <- x + (s_next - s) v, the probability-flow ODE (the teacher);
 - "consistency": x0 = x - s v, then x <- (1 - s_next) x0 + s_next eps_fresh (consistency / DMD students).
+
+One generation path for play and training: the runtime calls these functions under torch.no_grad, and the
+Self Forcing rollout (`train.dmd.rollout`) calls the same ones with gradients on and an exit step. So the
+functions follow the caller's grad mode and never switch gradients off themselves, except for the steps
+before an exit step.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence, Union
 
 import torch
@@ -15,7 +21,7 @@ from .dit import CausalDiT, Heads
 from .flow import add_noise, euler_step, guided, x0_from_velocity
 
 
-def velocity(model: CausalDiT, x: torch.Tensor, s: float, actions: torch.Tensor, cache: KVCache, guidance: float) -> torch.Tensor:
+def guided_velocity(model: CausalDiT, x: torch.Tensor, s: float, actions: torch.Tensor, cache: KVCache, guidance: float) -> torch.Tensor:
     """Velocity for chunk x (B, F, C, h, w) at level s, with action guidance when guidance != 1."""
     t = torch.full(actions.shape, s, device=x.device, dtype=torch.float32)  # levels stay float32
     v, _ = model.forward_cached(x, t, actions, cache)
@@ -55,25 +61,37 @@ def solver_step(x: torch.Tensor, v: torch.Tensor, s: float, s_next: float, solve
     return out.to(x.dtype)
 
 
-@torch.no_grad()
-def denoise(model: CausalDiT, cache: KVCache, actions: torch.Tensor, noise: torch.Tensor, levels: list[float], guidance: float = 1.0, solver: str = "euler", generator: Generators = None) -> torch.Tensor:
-    """Denoise one chunk from `noise` (B, F, C, h, w) along `levels` (1 -> 0); the cache is read, not extended."""
+def denoise(model: CausalDiT, cache: KVCache, actions: torch.Tensor, noise: torch.Tensor, levels: list[float], guidance: float = 1.0, solver: str = "euler",
+            generator: Generators = None, exit_step: int | None = None) -> torch.Tensor:
+    """Denoise one chunk from `noise` (B, F, C, h, w) along `levels` (1 -> 0); the cache is read, not extended.
+
+    `exit_step` k (Self Forcing): steps 0..k-1 run as usual but without gradient, then step k goes straight
+    to level 0, so the chunk returned is step k's clean prediction x - s_k v and only that step carries a
+    gradient (when the caller's grad mode has one). k = len(levels) - 2 is the whole list, as played.
+    """
+    steps = list(zip(levels[:-1], levels[1:]))
+    if exit_step is not None:
+        if not 0 <= exit_step < len(steps):
+            raise ValueError(f"exit_step must index one of the {len(steps)} steps of levels {levels}, got {exit_step}")
+        if levels[-1] != 0:
+            raise ValueError(f"an exit step returns a clean prediction: levels must end at 0, got {levels}")
+        steps = steps[:exit_step] + [(levels[exit_step], 0.0)]
     x = noise
-    for s, s_next in zip(levels[:-1], levels[1:]):
-        x = solver_step(x, velocity(model, x, s, actions, cache, guidance), s, s_next, solver, generator)
+    for k, (s, s_next) in enumerate(steps):
+        truncated = exit_step is not None and k < exit_step  # Self Forcing: no gradient through the chain before the exit
+        with torch.no_grad() if truncated else contextlib.nullcontext():
+            x = solver_step(x, guided_velocity(model, x, s, actions, cache, guidance), s, s_next, solver, generator)
     return x
 
 
-@torch.no_grad()
 def generate_chunk(model: CausalDiT, cache: KVCache, actions: torch.Tensor, noise: torch.Tensor, levels: list[float], guidance: float = 1.0, solver: str = "euler", generator: Generators = None) -> tuple[torch.Tensor, Heads]:
     """Denoise one chunk, then commit it to the cache. Returns the clean chunk and the heads of its re-cache pass."""
     return recache(model, cache, denoise(model, cache, actions, noise, levels, guidance, solver, generator), actions)
 
 
-@torch.no_grad()
 def recache(model: CausalDiT, cache: KVCache, x0: torch.Tensor, actions: torch.Tensor, worlds: torch.Tensor | None = None) -> tuple[torch.Tensor, Heads]:
-    """Run a clean chunk at t=0 and write its keys/values into the cache (important: t must be 0).
+    """Run a clean chunk at s=0 and write its keys/values into the cache (important: s must be 0).
     `worlds` (B,) bool: commit only those worlds (the others' caches are left as they were)."""
-    t = torch.zeros(actions.shape, device=x0.device, dtype=torch.float32)
-    _, heads = model.forward_cached(x0, t, actions, cache, commit=True if worlds is None else worlds)
+    s = torch.zeros(actions.shape, device=x0.device, dtype=torch.float32)
+    _, heads = model.forward_cached(x0, s, actions, cache, commit=True if worlds is None else worlds)
     return x0, heads

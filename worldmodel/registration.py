@@ -7,17 +7,18 @@ and separator dropped ("breakout_student" or "student" -> `worldmodel/Breakout-s
 `envs.world_env:WorldModelEnv` with a TimeLimit of `MAX_EPISODE_STEPS`, and `gymnasium.make_vec(id, N,
 vectorization_mode="vector_entry_point")` makes `envs.vector_env:WorldModelVectorEnv` (N worlds in one
 batched forward); "async" and "sync" work too (a forked async worker runs torch on one thread, see
-`envs.world_env.load_world_model`). Entry points are strings, so registering reads a few small JSON files
-and imports no model code. Registering again is a no-op.
+`envs.world_env.load_world_model`). Registering again is a no-op.
+
+Layering. Entry points are strings, so registering (at `import worldmodel`, as `import ale_py` registers
+its ids) imports gymnasium and reads a few small JSON files, but neither `envs/` nor the model code: the env
+module loads when an env is made, and ale-py and pygame only when something asks for the emulator or a window.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import gymnasium as gym
-
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"  # the shipped model folders (data, not code)
 NAMESPACE = "worldmodel"
 VERSION = "v0"
 MAX_EPISODE_STEPS = 2000  # ~2 min of play at 15 steps/s; gymnasium.make(id, max_episode_steps=N) changes it
@@ -46,6 +47,8 @@ def model_folders(assets: Path = ASSETS) -> dict[str, Path]:
 
 def register_envs() -> list[str]:
     """Register one id per model folder in assets/ (see the module docstring); returns the ids."""
+    import gymnasium as gym
+
     ids = model_folders()
     for id_, folder in ids.items():
         if id_ not in gym.registry:
@@ -56,4 +59,6 @@ def register_envs() -> list[str]:
 
 def registered_ids() -> list[str]:
     """Every worldmodel/ id in the Gymnasium registry."""
+    import gymnasium as gym
+
     return sorted(i for i in gym.registry if i.startswith(f"{NAMESPACE}/"))

@@ -1,0 +1,91 @@
+"""Latent windows, what every DiT stage trains on: the frames encoded once by the frozen tokenizer into
+OUT/latents/{train,heldout}/ (shard by shard, resumable, stamped with the tokenizer's config), then streamed
+as windows of T consecutive latent frames."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from train.dataset import iter_windows, list_shards, load_shard
+from train.common import Dist, barrier
+from worldmodel.checkpoint import read_config
+from worldmodel.tokenizer import FrameTokenizer
+
+LATENT_KEYS = ("latents", "actions", "rewards", "terminated", "first")
+WINDOW_KEYS = LATENT_KEYS[:4]
+
+
+def encode_split(data: Path, split: str, tok: FrameTokenizer, out: Path, rank: int, world: int, batch: int = 256) -> list[Path]:
+    """Encode every shard of a split with the frozen tokenizer into out/split/ (resumable, shard by shard)."""
+    shards = list_shards(data, split)
+    (out / split).mkdir(parents=True, exist_ok=True)
+    targets = [out / split / s.name for s in shards]
+    for k, (src, dst) in enumerate(zip(shards, targets)):
+        if k % world != rank or dst.exists():
+            continue
+        arr = load_shard(src)
+        frames = torch.from_numpy(arr["frames"])
+        with torch.inference_mode():
+            lat = torch.cat([tok.encode(frames[i:i + batch].to(tok.device)).cpu() for i in range(0, len(frames), batch)])
+        tmp = dst.with_name(dst.stem + ".tmp.npz")
+        np.savez(tmp, latents=lat.half().numpy(), **{k2: arr[k2] for k2 in LATENT_KEYS[1:]})
+        tmp.replace(dst)
+    return targets
+
+
+def check_stamp(lat: Path, tok_dir: Path, hint: str) -> None:
+    """Latents resume only with the tokenizer that encoded them (every rank checks, so all exit together)."""
+    stamp = lat / "tokenizer.json"
+    if stamp.exists() and json.loads(stamp.read_text()) != read_config(tok_dir):
+        raise ValueError(f"{lat} was encoded with another tokenizer; {hint}")
+
+
+def encode_latents(data: Path, tok_dir: Path, lat: Path, d: Dist) -> tuple[list[Path], list[Path]]:
+    """Train and held-out latent shards of `data`, encoded once into `lat` with the tokenizer in `tok_dir`."""
+    check_stamp(lat, tok_dir, "delete it or use a new --out")
+    tok = FrameTokenizer.load(tok_dir, device=d.device).eval()
+    lat.mkdir(parents=True, exist_ok=True)
+    if d.is_main:
+        (lat / "tokenizer.json").write_text(json.dumps(read_config(tok_dir)))
+    train = encode_split(data, "train", tok, lat, d.rank, d.world_size)
+    held = encode_split(data, "heldout", tok, lat, d.rank, d.world_size)
+    barrier()
+    return train, held
+
+
+def existing_latents(lat: Path, tok_dir: Path, out: Path) -> tuple[list[Path], list[Path]]:
+    """Latents a teacher run already encoded (--latents TEACHER_RUN/latents)."""
+    # checked here: list_shards' own hint names train.collect, which records frames, not latents
+    train = list_shards(lat, "train") if (lat / "train").is_dir() else []
+    if not train:
+        guess = f"did you mean --latents {lat / 'latents'}? " if (lat / "latents" / "train").is_dir() else ""
+        raise ValueError(f"--latents {lat} holds no latent shards (no train/shard_*.npz in it); {guess}train.teacher writes them "
+                         f"to TEACHER_RUN/latents (`python -m train.teacher --data DATA --tokenizer TOK_RUN/tokenizer --out TEACHER_RUN`), "
+                         f"or drop --latents to encode the data into {out / 'latents'}")
+    check_stamp(lat, tok_dir, "drop --latents")
+    return train, list_shards(lat, "heldout") if (lat / "heldout").is_dir() else []
+
+
+def windows(paths: list[Path], frames: int, per_rank: int, d: Dist, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches {latents (B, T, C, h, w) float16, actions, rewards, terminated (B, T)} of real windows;
+    every rank streams its own shards. Latents are small (2 KiB a frame): 8 shards in memory mix many episodes."""
+    it = iter_windows(paths, frames, seed=seed, rank=d.rank, world_size=d.world_size, keys=WINDOW_KEYS, shards_in_memory=8)
+    while True:
+        ws = [next(it) for _ in range(per_rank)]
+        yield {k: torch.from_numpy(np.stack([w[k] for w in ws])).to(d.device) for k in WINDOW_KEYS}
+
+
+def fixed_batch(paths: list[Path], frames: int, n: int, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """A fixed set of held-out windows for the quick metrics (the same at every evaluation)."""
+    ws = []
+    for w in iter_windows(paths, frames, seed=seed, rank=0, world_size=1, keys=WINDOW_KEYS, loop=False):
+        ws.append(w)
+        if len(ws) == n:
+            break
+    if not ws:
+        raise ValueError(f"no held-out window of {frames} frames")
+    return {k: torch.from_numpy(np.stack([w[k] for w in ws])).to(device) for k in WINDOW_KEYS}
