@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from worldmodel.checkpoint import replace_dir
+from worldmodel.checkpoint import remove_stale_temps, replace_dir, temp_prefix
 from worldmodel.dit import CausalDiT, save_dit
 from worldmodel.runtime import MODEL_FORMAT_VERSION
 
@@ -20,7 +20,8 @@ def export_world_model(path: str | os.PathLike, dit: CausalDiT, tokenizer_dir: s
     from its checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    remove_stale_temps(path)  # the temp folders of exports a kill cut short (as save_checkpoint does)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), dir=path.parent))
     try:
         (tmp / "config.json").write_text(json.dumps({"kind": "world_model", "format_version": MODEL_FORMAT_VERSION, **info}, indent=2))
         save_dit(dit, tmp / "dit")

@@ -350,7 +350,6 @@ def export_world(out: Path, dit: CausalDiT, tokenizer_dir: Path, info: dict, dat
     """OUT/model: the world-model folder of `dit` (its sampling weights) with real start contexts and its card."""
     cfg = dit.cfg
     frames, actions = start_contexts(data, n=16, length=cfg.sink_chunks * cfg.frames_per_chunk + 3 * cfg.frames_per_chunk)
-    remove_stale_temps(out / "model")  # export_world_model writes through the same temp-folder scheme
     path = export_world_model(out / "model", dit, tokenizer_dir, info, frames, actions, card)
     print(f"exported the world model to {path}")
     return path

@@ -215,12 +215,15 @@ class WorldModel:
         x = randn_worlds((self.batch, Fc, cfg.in_channels, *cfg.latent_size), self.generators, self.device).to(self.dtype)  # (B, F, C, h, w); float32 draws, so every dtype sees the same noise
         return denoise(self.dit, self.cache, a, x, self.levels, self.guidance, self.sampling.solver, self.generators), a
 
-    def _check_finite(self, x: torch.Tensor, what: str) -> None:
-        bad = ~torch.isfinite(x.flatten(1)).all(1)  # (B,) one flag per world; a single sync with the host
-        if bool(bad.any()):
-            worlds = bad.nonzero().flatten().tolist()
-            raise NonFiniteError(f"the {what} of world(s) {worlds[:8]} turned NaN or infinite (denoising steps {self.steps}, guidance {self.guidance}, "
-                                 f"dtype {self.dtype}); the weights or the sampling settings are broken. Reset the worlds before stepping again.")
+    def _check_finite(self, **parts: torch.Tensor) -> None:
+        """NonFiniteError naming the part and the worlds where a tensor (B, ...) of `parts` holds NaN or inf."""
+        ok = torch.stack([torch.isfinite(x.flatten(1)).all(1) for x in parts.values()])  # (parts, B)
+        if bool(ok.all()):  # the step's one sync with the host before the decode
+            return
+        what, flags = next((w, f) for w, f in zip(parts, ok) if not bool(f.all()))
+        worlds = (~flags).nonzero().flatten().tolist()
+        raise NonFiniteError(f"the {what.replace('_', ' ')} of world(s) {worlds[:8]} turned NaN or infinite (denoising steps {self.steps}, guidance {self.guidance}, "
+                             f"dtype {self.dtype}); the weights or the sampling settings are broken. Reset the worlds before stepping again.")
 
     def _decode(self, x0: torch.Tensor) -> np.ndarray:
         frames = self.tokenizer.decode(x0.flatten(0, 1).float())  # (B*F, H, W, 3) uint8
@@ -234,10 +237,10 @@ class WorldModel:
         """One action per world -> the next chunk of every world, uint8 (B, F, H, W, 3)."""
         with self._phase("denoise"):
             x0, a = self._denoise(actions)
-            self._check_finite(x0, "generated chunk")
         with self._phase("recache"):
             _, self.heads = recache(self.dit, self.cache, x0, a)
-            self._check_finite(torch.cat([self.heads.reward_logit, self.heads.reward_value, self.heads.end_logit], 1), "reward and end heads")
+            h = self.heads
+            self._check_finite(generated_chunk=x0, reward_and_end_heads=torch.cat([h.reward_logit, h.reward_value, h.end_logit], 1))
         with self._phase("decode"):
             return self._decode(x0)
 
@@ -247,7 +250,7 @@ class WorldModel:
         follow with observe() of the real frames)."""
         with self._phase("denoise"):
             x0, _ = self._denoise(actions)
-            self._check_finite(x0, "generated chunk")
+            self._check_finite(generated_chunk=x0)
         with self._phase("decode"):
             return self._decode(x0)
 

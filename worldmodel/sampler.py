@@ -23,10 +23,10 @@ from .flow import add_noise, euler_step, guided, x0_from_velocity
 
 def guided_velocity(model: CausalDiT, x: torch.Tensor, s: float, actions: torch.Tensor, cache: KVCache, guidance: float) -> torch.Tensor:
     """Velocity for chunk x (B, F, C, h, w) at level s, with action guidance when guidance != 1."""
-    t = torch.full(actions.shape, s, device=x.device, dtype=torch.float32)  # levels stay float32
-    v, _ = model.forward_cached(x, t, actions, cache)
+    level = torch.full(actions.shape, s, device=x.device, dtype=torch.float32)  # (B, F) per frame; levels stay float32
+    v, _ = model.forward_cached(x, level, actions, cache)
     if guidance != 1.0:
-        v_null, _ = model.forward_cached(x, t, torch.full_like(actions, model.null_action), cache)
+        v_null, _ = model.forward_cached(x, level, torch.full_like(actions, model.null_action), cache)
         v = guided(v.float(), v_null.float(), guidance).to(x.dtype)
     return v
 
