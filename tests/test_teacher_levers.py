@@ -13,7 +13,10 @@ import pytest
 import torch
 
 from train.skeleton import Schedule
-from train.teacher import changed, flow_loss, parse_args
+from train.teacher import PackForward, changed, flow_loss, own_context, parse_args
+from worldmodel.config import dit_config
+from worldmodel.dit import CausalDiT
+from worldmodel.flow import x0_from_velocity
 from worldmodel.flow import sample_levels
 from worldmodel.runtime import WorldModel, load_start_frames
 
@@ -61,6 +64,37 @@ def test_change_weight_puts_the_gradient_where_frames_change():
     assert parts["loss/flow"] == pytest.approx(0.25) and parts["loss/flow_weighted"] == pytest.approx(loss.item())
 
 
+def test_own_context_replaces_the_picked_windows_after_the_first_chunk_with_the_networks_own_predictions():
+    torch.manual_seed(0)
+    dit = CausalDiT(dit_config("tiny", in_channels=4, latent_size=(4, 4), num_actions=4, prev_frame=True, delta=True, predict="x0"))
+    with torch.no_grad():  # adaLN-Zero makes a fresh network ignore its input: random weights, so the test bites
+        for p in dit.parameters():
+            p.normal_(0, 0.3)
+    model = PackForward(dit)
+    Fc, B, T = dit.cfg.frames_per_chunk, 6, 4 * dit.cfg.frames_per_chunk
+    x0 = torch.randn(B, T, 4, 4, 4)
+    a = torch.randint(0, 4, (B, T))
+    assert own_context(model, x0, a, 0.0, torch.Generator().manual_seed(1)) is x0  # off: the real frames, no draw
+
+    own = own_context(model, x0, a, 1.0, torch.Generator().manual_seed(1))
+    assert not own.requires_grad  # the network's own frames are inputs, not a path for the gradient
+    torch.testing.assert_close(own[:, :Fc], x0[:, :Fc])  # the first chunk stays real
+    g = torch.Generator().manual_seed(1)  # the same draws, by hand: one-step predictions from a training level
+    torch.rand(B, generator=g)
+    s = sample_levels((B, T // Fc), generator=g).repeat_interleave(Fc, dim=1)
+    noisy = (1 - s[..., None, None, None]) * x0 + s[..., None, None, None] * torch.randn(x0.shape, generator=g)
+    with torch.no_grad():
+        v, _ = model(x0, noisy, torch.zeros_like(s), s, a, a)
+    torch.testing.assert_close(own[:, Fc:], x0_from_velocity(noisy, v, s)[:, Fc:])
+    assert (own[:, Fc:] - x0[:, Fc:]).abs().mean() > 0.1
+
+    half = own_context(model, x0, a, 0.5, torch.Generator().manual_seed(0))
+    kept = [bool(torch.equal(half[b], x0[b])) for b in range(B)]
+    assert 0 < sum(kept) < B  # some windows keep their real context, the others are replaced
+    for b in range(B):
+        assert torch.equal(half[b, :Fc], x0[b, :Fc]) and (kept[b] or not torch.equal(half[b, Fc:], x0[b, Fc:]))
+
+
 def test_level_mean_shifts_training_toward_noise():
     g = torch.Generator().manual_seed(0)
     plain = sample_levels((20000,), generator=g)
@@ -81,16 +115,16 @@ def test_schedule_follows_the_wall_budget():
 def test_bad_lever_flags_are_refused():
     base = ["--data", "d", "--tokenizer", "t", "--out", "o"]
     for bad in (["--change-weight", "-1"], ["--change-weight", "nan"], ["--change-threshold", "0"], ["--level-mean", "inf"],
-                ["--max-minutes", "0"], ["--patch-size", "0"]):
+                ["--max-minutes", "0"], ["--patch-size", "0"], ["--own-context", "1.5"], ["--own-context", "-0.1"]):
         with pytest.raises(SystemExit) as e:
             parse_args(base + bad)
         assert e.value.code == 2
 
 
 def test_teacher_with_every_lever_trains_exports_and_plays(data, tokenizer, tmp_path):
-    """prev frame + change target + change weight + level shift + 1x1 patches."""
+    """prev frame + change target + change weight + level shift + 1x1 patches + own-prediction context."""
     out = tmp_path / "run"
-    levers = ("--prev-frame", "--delta", "--change-weight", "20", "--level-mean", "0.5", "--patch-size", "1")
+    levers = ("--prev-frame", "--delta", "--change-weight", "20", "--level-mean", "0.5", "--patch-size", "1", "--own-context", "0.5")
     run("-m", "train.teacher", "--data", str(data), "--tokenizer", str(tokenizer), "--out", str(out), *TEACHER, *levers, "--steps", "3")
     cfg = json.loads((out / "model" / "dit" / "config.json").read_text())["config"]
     assert cfg["prev_frame"] and cfg["delta"] and cfg["patch_size"] == 1
@@ -100,7 +134,7 @@ def test_teacher_with_every_lever_trains_exports_and_plays(data, tokenizer, tmp_
     card = (out / "model" / "README.md").read_text()
     cmd = next(line.strip() for line in card.splitlines() if line.strip().startswith("python -m train.teacher"))
     again = parse_args(shlex.split(cmd)[3:])  # the card's command reproduces the run's arguments
-    assert again.prev_frame and again.delta and again.change_weight == 20 and again.patch_size == 1 and again.level_mean == 0.5
+    assert again.prev_frame and again.delta and again.change_weight == 20 and again.patch_size == 1 and again.level_mean == 0.5 and again.own_context == 0.5
 
     wm = WorldModel.load(out / "model")
     frames, actions = load_start_frames(out / "model" / "start_frames.npz")

@@ -33,7 +33,7 @@ from train.skeleton import Run, Schedule, UsageError, check_positive, export_wor
 from worldmodel import cli
 from worldmodel.config import DIT_PRESETS, PREDICTIONS, DiTConfig, SamplingConfig, dit_config, to_dict
 from worldmodel.dit import CausalDiT
-from worldmodel.flow import add_noise, sample_levels, velocity
+from worldmodel.flow import add_noise, sample_levels, velocity, x0_from_velocity
 from worldmodel.tokenizer import FrameTokenizer
 
 
@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--action-drop", type=float, default=0.1, help="probability of dropping a noisy frame's action (for guidance)")
     p.add_argument("--ctx-noise", type=float, default=0.1, help="max noise level on the clean context")
+    p.add_argument("--own-context", type=float, default=0.0, help="share of windows whose clean context, after the first chunk, is the network's own one-step predictions of those frames instead of the real ones (error recycling: it learns to continue from its own imperfect frames toward the real next frame; the targets stay real)")
     p.add_argument("--head-weight", type=float, default=0.1, help="weight of the reward/end head losses")
     p.add_argument("--prev-frame", action="store_true", help="concatenate each frame's previous frame to its input tokens (pixel-aligned conditioning)")
     p.add_argument("--delta", action="store_true", help="the network sees and predicts the change from the previous frame")
@@ -75,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--sink-chunks and --warmup must be >= 0")
     if not 0 <= args.action_drop < 1 or not 0 <= args.ctx_noise < 1:
         p.error("--action-drop and --ctx-noise must lie in [0, 1)")
+    if not 0 <= args.own_context <= 1:
+        p.error("--own-context must lie in [0, 1]")
     if args.patch_size is not None and args.patch_size <= 0:
         p.error("--patch-size must be positive")
     if not (math.isfinite(args.change_weight) and args.change_weight >= 0) or not (math.isfinite(args.change_threshold) and args.change_threshold > 0):
@@ -109,6 +112,27 @@ def flow_loss(v: torch.Tensor, target: torch.Tensor, x0: torch.Tensor, change_we
     return weighted, {"loss/flow": plain.item(), "loss/flow_weighted": weighted.item(), "changed_fraction": moved.mean().item(), "changed_weight_share": share.item()}
 
 
+def own_context(model: torch.nn.Module, x0: torch.Tensor, a: torch.Tensor, share: float, g: torch.Generator, level_mean: float = 0.0) -> torch.Tensor:
+    """Error recycling: the clean stream of a window x0 (B, T, C, h, w), with a random `share` of the windows
+    replaced from the second chunk on by the network's own teacher-forced predictions of those frames (each
+    denoised in one step from a training noise level, no gradient). At play time the context is the model's
+    own output, errors and all; trained on real contexts only, it amplifies its errors step after step. The
+    first chunk stays real (nothing before it to predict it from)."""
+    if share == 0:
+        return x0
+    B, T = a.shape
+    Fc = model_cfg(model).frames_per_chunk
+    dev = x0.device
+    pick = (torch.rand(B, generator=g) < share).to(dev)
+    s = sample_levels((B, T // Fc), generator=g, mean=level_mean).repeat_interleave(Fc, dim=1).to(dev)
+    noisy = add_noise(x0, torch.randn(x0.shape, generator=g).to(dev), s)
+    with torch.no_grad():
+        v, _ = model(x0, noisy, torch.zeros_like(s), s, a, a)
+        own = x0_from_velocity(noisy, v.float(), s)
+    own[:, :Fc] = x0[:, :Fc]
+    return torch.where(pick.view(B, 1, 1, 1, 1), own, x0)
+
+
 def teacher_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], args: argparse.Namespace, num_actions: int, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
     x0 = batch["latents"].float()  # (B, T, C, h, w)
     a = batch["actions"].long()  # (B, T)
@@ -122,7 +146,7 @@ def teacher_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], args: a
     eps = torch.randn(x0.shape, generator=g).to(dev)
     eps_ctx = torch.randn(x0.shape, generator=g).to(dev)
     noisy = add_noise(x0, eps, s)
-    clean = add_noise(x0, eps_ctx, s_ctx)
+    clean = add_noise(own_context(model, x0, a, args.own_context, g, args.level_mean), eps_ctx, s_ctx)
     drop = (torch.rand(B, n, generator=g) < args.action_drop).repeat_interleave(Fc, dim=1).to(dev)
     noisy_a = torch.where(drop, torch.full_like(a, num_actions), a)
     v, heads = model(clean, noisy, s_ctx, s, a, noisy_a)
@@ -201,7 +225,8 @@ def card(args: argparse.Namespace, meta: dict, n_params: int, step: int, wall: f
         f"Optimizer steps: {step}, batch {args.batch_size} windows of {args.frames} frames",
         f"Hardware: {hardware(d)} x {d.world_size} process(es); wall time {wall / 60:.1f} min (latent encoding and training, all resumed parts)",
         f"Network: predicts {args.predict}; previous frame concatenated {'yes' if args.prev_frame else 'no'}, change-from-previous parameterisation {'yes' if args.delta else 'no'}; "
-        f"flow loss change weight {args.change_weight} (threshold {args.change_threshold}); logit-normal level mean {args.level_mean}",
+        f"flow loss change weight {args.change_weight} (threshold {args.change_threshold}); logit-normal level mean {args.level_mean}; "
+        f"own-prediction context (error recycling) on {getattr(args, 'own_context', 0.0):.0%} of windows",
         f"Samples with {args.sample_steps} Euler steps by default",
     ], "train.teacher", args)
 
