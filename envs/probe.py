@@ -5,6 +5,7 @@ what matters to a player rather than on pixels alone. `probe_breakout(frames)` r
 
     paddle_x     float  paddle centre column; NaN when no paddle is found
     ball_x/y     float  ball centre; NaN when no ball is visible
+    clutter      float  red mass on the court below the bricks, outside the paddle and the ball, in balls
     bricks_left  int    bricks still standing (the full wall is 6 rows x 18 = 108)
     score        int    the 3-digit score at the top; -1 when unreadable
 
@@ -25,7 +26,10 @@ object looks like at 64x64:
     side, so that the smear around a generated paddle is not read as a ball) and the ball is the heaviest
     4x3 window of the play area; area averaging keeps the centroid of the mass, so the window's centroid
     is the ball's centre. It needs MIN_BALL_MASS (0.35) of a ball's mass, so a ball half hidden in a wall
-    still counts;
+    still counts. The red mass left on the court between the bricks and the paddle rows, outside that
+    window, is the frame's `clutter`, in balls: a real frame has none (< 1e-6 on every emulator frame
+    measured), a generated court strewn with red speckle has plenty, and the probe still reads its
+    heaviest blob as the ball, so clutter is the figure that tells such a court from a clean one;
   - score: each of the 3 digit slots is matched against the 10 glyphs rendered in that slot (nearest
     template in the slot's own columns; slots share no column at 64 px). A slot whose nearest template
     is farther than half the smallest distance between two of its templates is unreadable (a reading is
@@ -44,7 +48,7 @@ and from the 210x160 screen, see `breakout_truth`), about 9,000 frames/s on one 
     allowing the screen one agent step of lag (it shows a brick broken in a step's last emulator frame one
     step later, see `score_matches`); never unreadable.
 On generated frames the probe reads whatever is drawn: a faint ball counts only if it holds a third of a
-ball's mass, and a red/orange blob where no brick belongs can read as a ball.
+ball's mass, and a red/orange blob where no brick belongs can read as a ball (see clutter).
 """
 from __future__ import annotations
 
@@ -191,7 +195,7 @@ def probe_breakout(frames: np.ndarray) -> dict[str, np.ndarray]:
     flat = frames.reshape(-1, SIZE, SIZE, 3)
     parts = [_probe_breakout(flat[i:i + CHUNK]) for i in range(0, len(flat), CHUNK)]
     if not parts:
-        return {k: np.zeros(lead, dtype=dt) for k, dt in (("paddle_x", np.float64), ("ball_x", np.float64), ("ball_y", np.float64), ("bricks_left", np.int64), ("score", np.int64))}
+        return {k: np.zeros(lead, dtype=dt) for k, dt in (("paddle_x", np.float64), ("ball_x", np.float64), ("ball_y", np.float64), ("bricks_left", np.int64), ("score", np.int64), ("clutter", np.float64))}
     return {k: np.concatenate([p[k] for p in parts]).reshape(lead) for k in parts[0]}
 
 
@@ -225,6 +229,14 @@ def _probe_breakout(frames: np.ndarray) -> dict[str, np.ndarray]:
     ball = cover[:, m.ball_rows, m.cols] / unit
     ball_mass, by, bx = _window_centroid(ball, BALL_WINDOW)
     seen = ball_mass >= MIN_BALL_MASS
+    # clutter: the open court from below the bricks to above the paddle rows, the ball's window left out
+    court = np.zeros(ball.shape[1:], dtype=bool)  # (rows, cols) of the ball area
+    court[m.brick_rows.stop - m.ball_rows.start:m.paddle_rows.start - m.ball_rows.start] = True
+    win = np.zeros(ball.shape, dtype=bool)
+    rows = np.clip(np.round(by).astype(np.int64)[:, None] + np.arange(-2, 3), 0, ball.shape[1] - 1)  # (N, 5) around the centroid
+    cols = np.clip(np.round(bx).astype(np.int64)[:, None] + np.arange(-2, 3), 0, ball.shape[2] - 1)
+    win[np.arange(N)[:, None, None], rows[:, :, None], cols[:, None, :]] = seen[:, None, None]
+    clutter = (ball * (court[None] & ~win)).sum((1, 2))
     ball_y = np.where(seen, by + m.ball_rows.start, np.nan)
     ball_x = np.where(seen, bx + m.cols.start, np.nan)
 
@@ -238,7 +250,7 @@ def _probe_breakout(frames: np.ndarray) -> dict[str, np.ndarray]:
 
     return {
         "paddle_x": paddle_x.astype(np.float64), "ball_x": ball_x.astype(np.float64), "ball_y": ball_y.astype(np.float64),
-        "bricks_left": present.sum(1).astype(np.int64), "score": np.where(readable, score, -1),
+        "bricks_left": present.sum(1).astype(np.int64), "score": np.where(readable, score, -1), "clutter": clutter.astype(np.float64),
     }
 
 
@@ -345,6 +357,7 @@ def probe_accuracy(frames: np.ndarray, truth: dict[str, np.ndarray]) -> dict[str
         "score_exact": float(np.mean(p["score"] == truth["score"])),
         "score_exact_or_one_step_late": float(np.mean(score_matches(p["score"], truth["score"]))),
         "score_unreadable": float(np.mean(p["score"] < 0)),
+        "clutter_max": float(p["clutter"].max()),
     }
 
 

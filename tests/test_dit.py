@@ -24,12 +24,14 @@ def make_model(seed: int = 0, **over) -> CausalDiT:
 
 
 INPUTS = {"plain": {}, "prev": dict(prev_frame=True), "delta": dict(delta=True), "prev+delta": dict(prev_frame=True, delta=True),
-          "x0": dict(predict="x0"), "x0+prev+delta": dict(predict="x0", prev_frame=True, delta=True)}
+          "x0": dict(predict="x0"), "x0+prev+delta": dict(predict="x0", prev_frame=True, delta=True),
+          "edm": dict(predict="edm"), "edm+prev+delta": dict(predict="edm", prev_frame=True, delta=True, sigma_data=0.1)}
 
 
 @pytest.mark.parametrize("frames_per_chunk,sinks,window,inputs", [(1, 1, 3, "plain"), (2, 2, 2, "plain"), (1, 0, 2, "plain"),
                                                                    (1, 1, 3, "prev"), (2, 2, 2, "prev+delta"), (1, 1, 3, "delta"),
-                                                                   (1, 1, 3, "x0"), (2, 1, 2, "x0+prev+delta")])
+                                                                   (1, 1, 3, "x0"), (2, 1, 2, "x0+prev+delta"),
+                                                                   (1, 1, 3, "edm"), (2, 1, 2, "edm+prev+delta")])
 def test_cached_generation_equals_full_forward(frames_per_chunk, sinks, window, inputs):
     """Generate chunk by chunk with the cache (sinks + window active well past the window), record every
     denoiser call, then replay the same inputs through the teacher-forcing pack in one forward. With the
@@ -73,7 +75,7 @@ def test_cached_generation_equals_full_forward(frames_per_chunk, sinks, window, 
     torch.testing.assert_close(heads.end_logit, torch.cat(heads_cached, dim=1), **TOL)
 
 
-@pytest.mark.parametrize("inputs", ["plain", "prev+delta", "x0+prev+delta"])
+@pytest.mark.parametrize("inputs", ["plain", "prev+delta", "x0+prev+delta", "edm+prev+delta"])
 def test_causality_of_pack(inputs):
     """A noisy chunk's output depends on neither later clean chunks nor its own clean copy; earlier
     outputs never depend on a later chunk's input or action."""

@@ -5,6 +5,7 @@ cache is in test_dit.py."""
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import time
 
@@ -12,10 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from train.latents import target_std
 from train.skeleton import Schedule
 from train.teacher import PackForward, changed, flow_loss, own_context, parse_args
 from worldmodel.config import dit_config
 from worldmodel.dit import CausalDiT
+from worldmodel.config import X0_MIN_LEVEL
 from worldmodel.flow import x0_from_velocity
 from worldmodel.flow import sample_levels
 from worldmodel.runtime import WorldModel, load_start_frames
@@ -95,6 +98,36 @@ def test_own_context_replaces_the_picked_windows_after_the_first_chunk_with_the_
         assert torch.equal(half[b, :Fc], x0[b, :Fc]) and (kept[b] or not torch.equal(half[b, Fc:], x0[b, Fc:]))
 
 
+@pytest.mark.parametrize("delta", [False, True])
+def test_edm_preconditioning_anchors_the_output_at_low_noise_and_scales_the_target(delta):
+    sd = 0.1
+    dit = CausalDiT(dit_config("tiny", in_channels=4, latent_size=(4, 4), num_actions=4, predict="edm", sigma_data=sd, delta=delta, prev_frame=delta))
+    g = torch.Generator().manual_seed(0)
+    B, T, C = 3, 2, 4
+    prev = torch.randn(B, T, C, 4, 4, generator=g) if delta else None
+    x0 = (prev if delta else 0) + sd * torch.randn(B, T, C, 4, 4, generator=g)  # the target (frame or change) has std sd
+    eps = torch.randn(x0.shape, generator=g)
+    out = torch.randn(B, T, dit.cfg.tokens_per_frame, C * dit.cfg.patch_size**2, generator=g)  # whatever the network says
+    F = dit.unpatchify(out)
+
+    def predicted_x0(s: float) -> torch.Tensor:
+        lv = torch.full((B, T), s)
+        x = (1 - s) * x0 + s * eps
+        return x - max(s, X0_MIN_LEVEL) * dit.velocity_out(out, x, lv, prev)
+
+    base = prev if delta else torch.zeros_like(x0)
+    torch.testing.assert_close(predicted_x0(1.0), base + sd * F)  # pure noise: the network alone, at the target's scale
+    torch.testing.assert_close(predicted_x0(0.0), x0)  # no noise: the input itself, whatever the network says
+    s = 0.3
+    r = math.sqrt(s**2 + sd**2 * (1 - s) ** 2)
+    noisy = (1 - s) * (x0 - base) + s * eps
+    torch.testing.assert_close(predicted_x0(s), base + sd**2 * (1 - s) / r**2 * noisy + s * sd / r * F)
+    for s in (0.0, 0.2, 0.6, 1.0):  # c_in: unit-variance inputs at every level
+        lv = torch.full((B, T), s)
+        tok = dit.tokens((1 - s) * x0 + s * eps, lv, prev)[..., :C * dit.cfg.patch_size**2]
+        assert tok.std().item() == pytest.approx(1.0, rel=0.25)
+
+
 def test_level_mean_shifts_training_toward_noise():
     g = torch.Generator().manual_seed(0)
     plain = sample_levels((20000,), generator=g)
@@ -115,19 +148,20 @@ def test_schedule_follows_the_wall_budget():
 def test_bad_lever_flags_are_refused():
     base = ["--data", "d", "--tokenizer", "t", "--out", "o"]
     for bad in (["--change-weight", "-1"], ["--change-weight", "nan"], ["--change-threshold", "0"], ["--level-mean", "inf"],
-                ["--max-minutes", "0"], ["--patch-size", "0"], ["--own-context", "1.5"], ["--own-context", "-0.1"]):
+                ["--max-minutes", "0"], ["--patch-size", "0"], ["--own-context", "1.5"], ["--own-context", "-0.1"], ["--sigma-data", "0"], ["--sigma-data", "nan"], ["--predict", "eps"]):
         with pytest.raises(SystemExit) as e:
             parse_args(base + bad)
         assert e.value.code == 2
 
 
 def test_teacher_with_every_lever_trains_exports_and_plays(data, tokenizer, tmp_path):
-    """prev frame + change target + change weight + level shift + 1x1 patches + own-prediction context."""
+    """prev frame + change target + change weight + level shift + 1x1 patches + own-prediction context + EDM output."""
     out = tmp_path / "run"
-    levers = ("--prev-frame", "--delta", "--change-weight", "20", "--level-mean", "0.5", "--patch-size", "1", "--own-context", "0.5")
+    levers = ("--prev-frame", "--delta", "--change-weight", "20", "--level-mean", "0.5", "--patch-size", "1", "--own-context", "0.5", "--predict", "edm")
     run("-m", "train.teacher", "--data", str(data), "--tokenizer", str(tokenizer), "--out", str(out), *TEACHER, *levers, "--steps", "3")
     cfg = json.loads((out / "model" / "dit" / "config.json").read_text())["config"]
-    assert cfg["prev_frame"] and cfg["delta"] and cfg["patch_size"] == 1
+    assert cfg["prev_frame"] and cfg["delta"] and cfg["patch_size"] == 1 and cfg["predict"] == "edm"
+    assert cfg["sigma_data"] == pytest.approx(target_std(sorted((out / "latents" / "train").glob("*.npz")), delta=True), rel=1e-4)  # measured
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 3 and all(0 < r["changed_weight_share"] < 1 and np.isfinite(r["loss/flow_weighted"]) for r in log)
 
@@ -135,6 +169,7 @@ def test_teacher_with_every_lever_trains_exports_and_plays(data, tokenizer, tmp_
     cmd = next(line.strip() for line in card.splitlines() if line.strip().startswith("python -m train.teacher"))
     again = parse_args(shlex.split(cmd)[3:])  # the card's command reproduces the run's arguments
     assert again.prev_frame and again.delta and again.change_weight == 20 and again.patch_size == 1 and again.level_mean == 0.5 and again.own_context == 0.5
+    assert again.predict == "edm" and again.sigma_data == cfg["sigma_data"]
 
     wm = WorldModel.load(out / "model")
     frames, actions = load_start_frames(out / "model" / "start_frames.npz")

@@ -70,6 +70,24 @@ def existing_latents(lat: Path, tok_dir: Path, out: Path) -> tuple[list[Path], l
     return train, list_shards(lat, "heldout") if (lat / "heldout").is_dir() else []
 
 
+def target_std(paths: list[Path], delta: bool, max_frames: int = 20000) -> float:
+    """Standard deviation of what the network predicts, over the first `max_frames` latent frames of the
+    shards: the frames, or with `delta` their change from the frame before (within episodes). EDM's sigma_data."""
+    parts, n = [], 0
+    for path in paths:
+        arr = load_shard(path)
+        x = arr["latents"].astype(np.float32)
+        if delta:
+            x = (x[1:] - x[:-1])[~arr["first"][1:].astype(bool)]
+        parts.append(x)
+        n += len(x)
+        if n >= max_frames:
+            break
+    if not n:
+        raise ValueError("no latent frames to measure the target's standard deviation on")
+    return float(np.concatenate(parts)[:max_frames].std())
+
+
 def windows(paths: list[Path], frames: int, per_rank: int, d: Dist, seed: int) -> Iterator[dict[str, torch.Tensor]]:
     """Endless batches {latents (B, T, C, h, w) float16, actions, rewards, terminated (B, T)} of real windows;
     every rank streams its own shards. Latents are small (2 KiB a frame): 8 shards in memory mix many episodes."""

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from train.dataset import read_meta
 from train.common import ema_update
-from train.latents import check_stamp, encode_latents, windows
+from train.latents import check_stamp, encode_latents, target_std, windows
 from train.objectives import head_loss
 from train.skeleton import Run, Schedule, UsageError, check_positive, export_world, hardware, model_card, stage_main, usage_errors
 from worldmodel import cli
@@ -58,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--head-weight", type=float, default=0.1, help="weight of the reward/end head losses")
     p.add_argument("--prev-frame", action="store_true", help="concatenate each frame's previous frame to its input tokens (pixel-aligned conditioning)")
     p.add_argument("--delta", action="store_true", help="the network sees and predicts the change from the previous frame")
-    p.add_argument("--predict", choices=PREDICTIONS, default="velocity", help="what the network outputs: the velocity, or the clean frame x0 (JiT; for pixel patches wider than the network)")
+    p.add_argument("--predict", choices=PREDICTIONS, default="velocity", help="what the network outputs: the velocity, the clean frame x0 (JiT; for pixel patches wider than the network), or x0 through EDM's preconditioning (edm: anchored to the input at low noise, unit-scale target)")
+    p.add_argument("--sigma-data", type=float, default=None, help="with --predict edm: the target's standard deviation (default: measured on the training latents)")
     p.add_argument("--patch-size", type=int, default=None, help="DiT patch size over the latent grid (default: the preset's); 1 gives the finest tokens")
     p.add_argument("--change-weight", type=float, default=0.0, help="extra flow-loss weight of latent elements that change from the previous frame (0: plain MSE)")
     p.add_argument("--change-threshold", type=float, default=0.05, help="an element changes when it moves by more than this (normalised latent units)")
@@ -78,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--action-drop and --ctx-noise must lie in [0, 1)")
     if not 0 <= args.own_context <= 1:
         p.error("--own-context must lie in [0, 1]")
+    if args.sigma_data is not None and not (math.isfinite(args.sigma_data) and args.sigma_data > 0):
+        p.error("--sigma-data must be a positive finite number")
     if args.patch_size is not None and args.patch_size <= 0:
         p.error("--patch-size must be positive")
     if not (math.isfinite(args.change_weight) and args.change_weight >= 0) or not (math.isfinite(args.change_threshold) and args.change_threshold > 0):
@@ -186,6 +189,11 @@ def train(args: argparse.Namespace) -> int:
         print(f"latents ready in {run.out / 'latents'} ({run.wall():.0f}s)")
 
     shape = {} if args.patch_size is None else {"patch_size": args.patch_size}
+    if args.predict == "edm":
+        given = args.sigma_data is not None
+        args.sigma_data = shape["sigma_data"] = args.sigma_data if given else round(target_std(train_lat, args.delta), 6)  # the card's command repeats it
+        if d.is_main:
+            print(f"EDM preconditioning: sigma_data {args.sigma_data} ({'given' if given else 'measured on the training latents'})")
     with usage_errors():
         cfg = dit_config(args.preset, in_channels=tok_cfg.channels, latent_size=tok_cfg.latent_size, num_actions=meta["num_actions"], sink_chunks=args.sink_chunks,
                          window_chunks=args.window_chunks, prev_frame=args.prev_frame, delta=args.delta, predict=args.predict, **shape)
@@ -224,7 +232,7 @@ def card(args: argparse.Namespace, meta: dict, n_params: int, step: int, wall: f
         f"Data: {meta.get('splits', {}).get('train', {}).get('steps', '?')} training steps of real {meta['game']} play recorded by `train.collect`",
         f"Optimizer steps: {step}, batch {args.batch_size} windows of {args.frames} frames",
         f"Hardware: {hardware(d)} x {d.world_size} process(es); wall time {wall / 60:.1f} min (latent encoding and training, all resumed parts)",
-        f"Network: predicts {args.predict}; previous frame concatenated {'yes' if args.prev_frame else 'no'}, change-from-previous parameterisation {'yes' if args.delta else 'no'}; "
+        f"Network: predicts {args.predict}{f' (sigma_data {args.sigma_data})' if getattr(args, 'sigma_data', None) else ''}; previous frame concatenated {'yes' if args.prev_frame else 'no'}, change-from-previous parameterisation {'yes' if args.delta else 'no'}; "
         f"flow loss change weight {args.change_weight} (threshold {args.change_threshold}); logit-normal level mean {args.level_mean}; "
         f"own-prediction context (error recycling) on {getattr(args, 'own_context', 0.0):.0%} of windows",
         f"Samples with {args.sample_steps} Euler steps by default",

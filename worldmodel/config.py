@@ -57,7 +57,7 @@ class TokenizerConfig:
         return (self.frame_size[0] // self.downsample, self.frame_size[1] // self.downsample)
 
 
-PREDICTIONS = ("velocity", "x0")
+PREDICTIONS = ("velocity", "x0", "edm")
 X0_MIN_LEVEL = 0.05  # x0 prediction: the velocity divides by the level, clipped here (JiT's t_eps)
 
 
@@ -95,7 +95,13 @@ class DiTConfig:
     # What the network's output is: "velocity" (v = eps - x0) or "x0", the clean frame, turned into the
     # velocity (x_t - x0) / max(t, X0_MIN_LEVEL) (JiT, Li & He 2025: pixel patches wider than the network
     # cannot carry the noise that a velocity holds, but the clean frame lies on a low-dimensional manifold).
+    # "edm": the clean frame (or change) through EDM's preconditioning (Karras et al. 2022; DIAMOND uses it):
+    # with r = sqrt(s^2 + sigma_data^2 (1 - s)^2), the network reads its noisy input scaled by 1/r and
+    # predicts x0 = sigma_data^2 (1 - s) / r^2 * x_s + s sigma_data / r * F. At low noise the output is
+    # anchored to the input (its error scaled by s), and the target has unit scale however small it is:
+    # the change from the previous frame has a standard deviation of a few hundredths.
     predict: str = "velocity"
+    sigma_data: float = 0.5  # standard deviation of the target (the frame, or the change with delta); "edm" only
 
     def __post_init__(self) -> None:
         self.latent_size = tuple(self.latent_size)
@@ -110,6 +116,8 @@ class DiTConfig:
             raise ValueError("need sink_chunks >= 0 and window_chunks >= 1")
         if self.predict not in PREDICTIONS:
             raise ValueError(f"predict must be one of {PREDICTIONS}, got {self.predict!r}")
+        if not (math.isfinite(self.sigma_data) and self.sigma_data > 0):
+            raise ValueError(f"sigma_data must be a positive finite number, got {self.sigma_data}")
 
     @property
     def uses_prev(self) -> bool:

@@ -213,10 +213,17 @@ class CausalDiT(nn.Module):
         previous frame `prev` (B, T, C, h, w) where the config uses it (`prev_frame`, `delta`)."""
         if self.cfg.delta:  # the noisy change: x_s - (1 - s) prev = (1 - s)(x0 - prev) + s eps
             x = x - expand(1 - s, x).to(x.dtype) * prev
+        if self.cfg.predict == "edm":  # unit-variance input (EDM's c_in)
+            x = x / expand(self.edm_r(s), x).to(x.dtype)
         tok = self.patchify(x)
         if self.cfg.prev_frame:
             tok = torch.cat([tok, self.patchify(prev)], dim=-1)  # (B, T, N, 2 C p p)
         return tok
+
+    def edm_r(self, s: torch.Tensor) -> torch.Tensor:
+        """EDM's scale of the noisy input at levels s: sqrt(s^2 + sigma_data^2 (1 - s)^2), float32."""
+        s = s.float()
+        return (s**2 + self.cfg.sigma_data**2 * (1 - s) ** 2).sqrt()
 
     def velocity_out(self, out: torch.Tensor, x: torch.Tensor, s: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
         """Output tokens (B, T, N, C*p*p) of the noisy frames x (B, T, C, h, w) at levels s (B, T) -> velocity
@@ -225,6 +232,10 @@ class CausalDiT(nn.Module):
         o = self.unpatchify(out)
         if self.cfg.predict == "velocity":
             return o - prev if self.cfg.delta else o
+        if self.cfg.predict == "edm":  # x0 (or the change) = c_skip * noisy input + c_out * network
+            sd, r = self.cfg.sigma_data, self.edm_r(s)
+            noisy = x - expand(1 - s, x).to(x.dtype) * prev if self.cfg.delta else x
+            o = expand(sd**2 * (1 - s) / r**2, x).to(x.dtype) * noisy + expand(s * sd / r, x).to(x.dtype) * o
         x0 = o + prev if self.cfg.delta else o
         return (x - x0) / expand(s.clamp(min=X0_MIN_LEVEL), x).to(x.dtype)
 
