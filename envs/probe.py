@@ -27,7 +27,7 @@ object looks like at 64x64:
     4x3 window of the play area; area averaging keeps the centroid of the mass, so the window's centroid
     is the ball's centre. It needs MIN_BALL_MASS (0.35) of a ball's mass, so a ball half hidden in a wall
     still counts. The red mass left on the court between the bricks and the paddle rows, outside that
-    window, is the frame's `clutter`, in balls: a real frame has none (< 1e-6 on every emulator frame
+    window, is the frame's `clutter`, in balls: a real frame has none (0 on every emulator frame
     measured), a generated court strewn with red speckle has plenty, and the probe still reads its
     heaviest blob as the ball, so clutter is the figure that tells such a court from a clean one;
   - score: each of the 3 digit slots is matched against the 10 glyphs rendered in that slot (nearest
@@ -46,7 +46,8 @@ and from the 210x160 screen, see `breakout_truth`), about 9,000 frames/s on one 
   - bricks_left: exact on every frame (against counting bricks on the 210x160 screen);
   - score: exact on 99.1% of frames against RAM's BCD score (100 * bcd(ram[76]) + bcd(ram[77])) and on 100%
     allowing the screen one agent step of lag (it shows a brick broken in a step's last emulator frame one
-    step later, see `score_matches`); never unreadable.
+    step later, see `score_matches`); never unreadable;
+  - clutter: 0.0 on every frame.
 On generated frames the probe reads whatever is drawn: a faint ball counts only if it holds a third of a
 ball's mass, and a red/orange blob where no brick belongs can read as a ball (see clutter).
 """
@@ -229,13 +230,13 @@ def _probe_breakout(frames: np.ndarray) -> dict[str, np.ndarray]:
     ball = cover[:, m.ball_rows, m.cols] / unit
     ball_mass, by, bx = _window_centroid(ball, BALL_WINDOW)
     seen = ball_mass >= MIN_BALL_MASS
-    # clutter: the open court from below the bricks to above the paddle rows, the ball's window left out
+    # clutter: the open court from below the bricks to above the paddle rows, the heaviest window's surroundings left out
     court = np.zeros(ball.shape[1:], dtype=bool)  # (rows, cols) of the ball area
     court[m.brick_rows.stop - m.ball_rows.start:m.paddle_rows.start - m.ball_rows.start] = True
     win = np.zeros(ball.shape, dtype=bool)
     rows = np.clip(np.round(by).astype(np.int64)[:, None] + np.arange(-2, 3), 0, ball.shape[1] - 1)  # (N, 5) around the centroid
     cols = np.clip(np.round(bx).astype(np.int64)[:, None] + np.arange(-2, 3), 0, ball.shape[2] - 1)
-    win[np.arange(N)[:, None, None], rows[:, :, None], cols[:, None, :]] = seen[:, None, None]
+    win[np.arange(N)[:, None, None], rows[:, :, None], cols[:, None, :]] = True  # a ball too faint to count is not clutter either
     clutter = (ball * (court[None] & ~win)).sum((1, 2))
     ball_y = np.where(seen, by + m.ball_rows.start, np.nan)
     ball_x = np.where(seen, bx + m.cols.start, np.nan)

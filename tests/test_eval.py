@@ -297,6 +297,7 @@ def test_probe_exact_at_reads_each_step_alone():
     # episode 2 is generated perfectly: the means at a step are over both episodes, undefined ones left out
     two_real, two_gen = ({k: np.concatenate([real[k], real[k]]) for k in real}, {k: np.concatenate([gen[k], real[k]]) for k in real})
     e = probe_exact_at(two_real, two_gen, [1, 3, 4])
+    assert all(math.isnan(e[h].pop("clutter")) for h in e)  # readings without clutter (another game's probe)
     assert e[1] == {"ball_agree": 1.0, "ball_match": 0.5, "ball_dist": 2.5, "paddle_abs_err": 1.0, "bricks_abs_err": 0.0, "ball_both": 2}
     assert e[3]["ball_agree"] == 0.5 and e[3]["ball_dist"] == 0.0 and e[3]["ball_both"] == 1 and math.isnan(e[3]["paddle_abs_err"])
     assert e[3]["bricks_abs_err"] == 2.0  # step 3 alone; pooled over steps 2-3 it would be 1.25
@@ -322,6 +323,7 @@ def test_probe_exact_at_on_frames(data):
     moved[y + 1:y + 8, x - 3:x + 4] = f[box]
     real, gen = np.stack([f, f, f])[None], np.stack([f, erased, moved])[None]  # (1, 3, 64, 64, 3)
     e = probe_exact_at(probe_breakout(real), probe_breakout(gen), [1, 2, 3])
+    assert [e[h].pop("clutter") for h in e] == [0.0, 0.0, 0.0]  # a ball erased or moved leaves no stray red
     assert e[1] == {"ball_agree": 1.0, "ball_match": 1.0, "ball_dist": 0.0, "paddle_abs_err": 0.0, "bricks_abs_err": 0.0, "ball_both": 1}
     assert e[2]["ball_agree"] == 0.0 and e[2]["ball_both"] == 0 and math.isnan(e[2]["ball_dist"]) and e[2]["bricks_abs_err"] == 0.0
     assert e[3]["ball_agree"] == 1.0 and e[3]["ball_dist"] == pytest.approx(4.0, abs=1e-6) and e[3]["paddle_abs_err"] == 0.0

@@ -97,3 +97,17 @@ def test_probe_for():
     assert probe_for("Breakout") is probe_breakout
     assert probe_for("breakout") is probe_breakout and probe_for("ALE/Breakout-v5") is probe_breakout
     assert probe_for("Pong") is None and probe_for("no such game") is None
+
+
+def test_clutter_is_nil_on_real_frames_and_counts_stray_red_on_the_court(play):
+    frames, truth, _ = play
+    p = probe_breakout(frames)
+    assert p["clutter"].max() < 1e-3, "a real court holds nothing but the ball and the paddle"
+    i = int(np.flatnonzero(~np.isnan(p["ball_y"]) & (p["ball_y"] > 30) & (p["ball_y"] < 40))[0])  # a ball high in the open court
+    speckled = frames[i:i + 1].copy()
+    ys, xs = np.array([45, 48, 51, 54, 45, 54]), np.array([12, 20, 28, 36, 44, 50])  # six stray pixels between the ball and the paddle,
+    speckled[0, ys, xs] = (100, 36, 36)  # each half covered by the ball's red: half a ball's mass, less than the ball
+
+    q = probe_breakout(speckled)
+    assert q["ball_x"][0] == p["ball_x"][i] and q["ball_y"][0] == p["ball_y"][i]  # the ball reading stands
+    assert q["clutter"][0] == pytest.approx(6 * 0.5 / (2 * 4 * (64 / 210) * (64 / 160)), rel=1e-3)  # in balls (a ball is 2x4 screen pixels)

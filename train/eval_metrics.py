@@ -112,7 +112,8 @@ def probe_errors(real: dict[str, np.ndarray], gen: dict[str, np.ndarray]) -> dic
     """Per-step disagreement of two probe readings (each {key: (E, H)}), NaN where undefined:
     paddle_abs_err (both found), paddle_found (gen finds one where real has one: 1/0), ball_agree (both or
     neither see a ball: 1/0), ball_match (neither sees a ball, or both within BALL_MATCH_PX: 1/0; a ball drawn
-    in the wrong place does not count), ball_dist (Euclidean, both see it), bricks_abs_err, score_abs_err (both readable)."""
+    in the wrong place does not count), ball_dist (Euclidean, both see it), bricks_abs_err, score_abs_err (both
+    readable), clutter (red mass on the open court beyond the real frame's, in balls; NaN for probes without it)."""
     def where(ok, v):
         return np.where(ok, v, np.nan)
 
@@ -129,6 +130,7 @@ def probe_errors(real: dict[str, np.ndarray], gen: dict[str, np.ndarray]) -> dic
         "bricks_abs_err": np.abs(gen["bricks_left"] - real["bricks_left"]).astype(np.float64),
         "score_abs_err": where(readable, np.abs(gen["score"] - real["score"]).astype(np.float64)),
         "score_readable": where(real["score"] >= 0, (gen["score"] >= 0).astype(np.float64)),
+        "clutter": np.maximum(gen["clutter"] - real["clutter"], 0.0) if "clutter" in gen and "clutter" in real else np.full(real_ball.shape, np.nan),
     }
 
 
@@ -173,12 +175,12 @@ def exact_horizons(horizon: int) -> list[int]:
     return hs if hs[-1] == horizon else [*hs, horizon]
 
 
-GLANCE_KEYS = ("ball_agree", "ball_match", "ball_dist", "paddle_abs_err", "bricks_abs_err")
+GLANCE_KEYS = ("ball_agree", "ball_match", "ball_dist", "paddle_abs_err", "bricks_abs_err", "clutter")
 
 
 def probe_exact_at(real: dict[str, np.ndarray], gen: dict[str, np.ndarray], horizons: Sequence[int]) -> dict[int, dict[str, float]]:
     """Probe disagreement (see probe_errors) at exactly step h of each horizon, not pooled over a bucket: the
-    mean over episodes of ball_agree, ball_dist, paddle_abs_err and bricks_abs_err at step h (NaN where
+    mean over episodes of ball_agree, ball_match, ball_dist, paddle_abs_err, bricks_abs_err and clutter at step h (NaN where
     undefined in every episode), and ball_both, the episodes where both frames show a ball (ball_dist's count)."""
     H = real["ball_x"].shape[1]
     if not all(1 <= h <= H for h in horizons):

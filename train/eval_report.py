@@ -12,7 +12,7 @@ TABLE_HORIZONS = (1, 8, 32, 128)  # the comparison table's columns
 PROBE_PLOTS = (("paddle_abs_err", "paddle |dx| (px)"), ("ball_agree", "ball seen/unseen agreement"),
                ("ball_dist", "ball distance (px)"), ("bricks_abs_err", "bricks-left |d|"), ("score_abs_err", "score |d|"))
 GLANCE_ROWS = (("ball agree", "ball_agree", True), ("ball match (<= 2 px)", "ball_match", True), ("ball dist (px)", "ball_dist", False), ("paddle abs err (px)", "paddle_abs_err", False),
-               ("bricks-left abs err", "bricks_abs_err", False))  # the at-a-glance table: label, probe_exact_at key, as a percentage
+               ("bricks-left abs err", "bricks_abs_err", False), ("clutter (balls of stray red)", "clutter", False))  # the at-a-glance table: label, probe_exact_at key, as a percentage
 SHEET_LABEL_W, SHEET_HEADER_H = 56, 16  # contact sheet: the row-label column and the step-number strip, px
 SHEET_ROWS = ("real", "model", "|diff|")
 
