@@ -95,7 +95,8 @@ def refused(capsys, main, argv, *wants):
 
 
 SEEDED = {"play": ["--seed"], "envs.record": ["--seed"], "bench.speed": ["--seed"], "bench.soak": ["--seed"], "bench.vector_throughput": ["--seed"],
-          "train.evaluate": ["--seed", "--record-seeds"]}
+          "train.evaluate": ["--seed", "--record-seeds"], "train.collect": ["--seed"], "train.tokenizer": ["--seed"], "train.teacher": ["--seed"],
+          "train.consistency": ["--seed"], "train.dmd": ["--seed"]}
 
 
 @pytest.mark.parametrize("module", sorted(SEEDED))

@@ -318,7 +318,7 @@ def parse_args(argv: list[str] | None) -> CollectConfig:
     parser.add_argument("--steps", type=int, default=200_000, help="train split budget in agent steps (rows)")
     parser.add_argument("--heldout-steps", type=int, default=None,
                         help=f"held-out split budget in agent steps (default: {100 * HELDOUT_FRACTION:.0f}%% of --steps, at most {MAX_DEFAULT_HELDOUT_STEPS:,d})")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=cli.seed, default=0)
     parser.add_argument("--size", type=int, default=64, help="frames are resized to SIZE x SIZE")
     parser.add_argument("--episodes-per-shard", type=int, default=8)
     parser.add_argument("--max-episode-steps", type=int, default=3000, help="time limit: episodes are truncated here")

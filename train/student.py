@@ -17,6 +17,7 @@ import torch
 from train.dataset import read_meta
 from train.latents import encode_latents, existing_latents, fixed_batch
 from train.skeleton import Run, Schedule, check_positive, export_world, usage_errors
+from worldmodel import cli
 from worldmodel.checkpoint import CheckpointError, read_config
 from worldmodel.config import SamplingConfig, to_dict
 from worldmodel.dit import CausalDiT, load_dit
@@ -39,7 +40,7 @@ def add_common_args(p: argparse.ArgumentParser, steps: int, lr: float, batch: in
     p.add_argument("--guidance", type=float, default=1.0, help="action guidance of the teacher (real score); 1 = none")
     p.add_argument("--sample-steps", type=int, default=2, help="denoising steps the exported student samples with")
     p.add_argument("--eval-every", type=int, default=100, help="quick held-out metrics every N steps (0: never)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=cli.seed, default=0)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -280,7 +280,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rare-weight", type=float, default=10.0, help="extra loss weight of pixels that differ from the median frame")
     p.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the weights (0: off); the export uses the EMA")
     p.add_argument("--eval-frames", type=int, default=2048, help="held-out frames for the PSNR (a sample if more)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=cli.seed, default=0)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
