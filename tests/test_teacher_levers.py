@@ -88,7 +88,7 @@ def test_own_context_replaces_the_picked_windows_after_the_first_chunk_with_the_
     noisy = (1 - s[..., None, None, None]) * x0 + s[..., None, None, None] * torch.randn(x0.shape, generator=g)
     with torch.no_grad():
         v, _ = model(x0, noisy, torch.zeros_like(s), s, a, a)
-    torch.testing.assert_close(own[:, Fc:], x0_from_velocity(noisy, v, s)[:, Fc:])
+    torch.testing.assert_close(own[:, Fc:], x0_from_velocity(noisy, v, s.clamp(min=X0_MIN_LEVEL))[:, Fc:])  # as the x0 network's velocity divides
     assert (own[:, Fc:] - x0[:, Fc:]).abs().mean() > 0.1
 
     half = own_context(model, x0, a, 0.5, torch.Generator().manual_seed(0))

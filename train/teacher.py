@@ -31,7 +31,7 @@ from train.latents import check_stamp, encode_latents, target_std, windows
 from train.objectives import head_loss
 from train.skeleton import Run, Schedule, UsageError, check_positive, export_world, hardware, model_card, stage_main, usage_errors
 from worldmodel import cli
-from worldmodel.config import DIT_PRESETS, PREDICTIONS, DiTConfig, SamplingConfig, dit_config, to_dict
+from worldmodel.config import DIT_PRESETS, PREDICTIONS, X0_MIN_LEVEL, DiTConfig, SamplingConfig, dit_config, to_dict
 from worldmodel.dit import CausalDiT
 from worldmodel.flow import add_noise, sample_levels, velocity, x0_from_velocity
 from worldmodel.tokenizer import FrameTokenizer
@@ -131,7 +131,8 @@ def own_context(model: torch.nn.Module, x0: torch.Tensor, a: torch.Tensor, share
     noisy = add_noise(x0, torch.randn(x0.shape, generator=g).to(dev), s)
     with torch.no_grad():
         v, _ = model(x0, noisy, torch.zeros_like(s), s, a, a)
-        own = x0_from_velocity(noisy, v.float(), s)
+        # an x0-type network's velocity divides by the level clipped at X0_MIN_LEVEL: undo the same
+        own = x0_from_velocity(noisy, v.float(), s if model_cfg(model).predict == "velocity" else s.clamp(min=X0_MIN_LEVEL))
     own[:, :Fc] = x0[:, :Fc]
     return torch.where(pick.view(B, 1, 1, 1, 1), own, x0)
 
