@@ -67,9 +67,11 @@ def test_change_weight_puts_the_gradient_where_frames_change():
     assert parts["loss/flow"] == pytest.approx(0.25) and parts["loss/flow_weighted"] == pytest.approx(loss.item())
 
 
-def test_own_context_replaces_the_picked_windows_after_the_first_chunk_with_the_networks_own_predictions():
+@pytest.mark.parametrize("frames_per_chunk,predict", [(1, "x0"), (2, "x0"), (1, "velocity"), (2, "edm")])
+def test_own_context_replaces_the_picked_windows_after_the_first_chunk_with_the_networks_own_predictions(frames_per_chunk, predict):
     torch.manual_seed(0)
-    dit = CausalDiT(dit_config("tiny", in_channels=4, latent_size=(4, 4), num_actions=4, prev_frame=True, delta=True, predict="x0"))
+    dit = CausalDiT(dit_config("tiny", in_channels=4, latent_size=(4, 4), num_actions=4, prev_frame=True, delta=True, predict=predict,
+                               frames_per_chunk=frames_per_chunk, sigma_data=0.2))
     with torch.no_grad():  # adaLN-Zero makes a fresh network ignore its input: random weights, so the test bites
         for p in dit.parameters():
             p.normal_(0, 0.3)
@@ -88,7 +90,7 @@ def test_own_context_replaces_the_picked_windows_after_the_first_chunk_with_the_
     noisy = (1 - s[..., None, None, None]) * x0 + s[..., None, None, None] * torch.randn(x0.shape, generator=g)
     with torch.no_grad():
         v, _ = model(x0, noisy, torch.zeros_like(s), s, a, a)
-    torch.testing.assert_close(own[:, Fc:], x0_from_velocity(noisy, v, s.clamp(min=X0_MIN_LEVEL))[:, Fc:])  # as the x0 network's velocity divides
+    torch.testing.assert_close(own[:, Fc:], x0_from_velocity(noisy, v, s)[:, Fc:])  # x_s - s v, the velocity being what the loss fits
     assert (own[:, Fc:] - x0[:, Fc:]).abs().mean() > 0.1
 
     half = own_context(model, x0, a, 0.5, torch.Generator().manual_seed(0))
@@ -126,6 +128,24 @@ def test_edm_preconditioning_anchors_the_output_at_low_noise_and_scales_the_targ
         lv = torch.full((B, T), s)
         tok = dit.tokens((1 - s) * x0 + s * eps, lv, prev)[..., :C * dit.cfg.patch_size**2]
         assert tok.std().item() == pytest.approx(1.0, rel=0.25)
+    if delta:  # a frame with no previous frame (prev zeros: a window's or play's first chunk) has the whole frame as its change
+        frame = torch.randn(B, T, C, 4, 4, generator=g)
+        none = torch.zeros_like(prev)
+        for s in (0.0, 0.5):
+            tok = dit.tokens((1 - s) * frame + s * eps, torch.full((B, T), s), none)[..., :C * dit.cfg.patch_size**2]
+            assert tok.std().item() == pytest.approx(1.0, rel=0.25)  # unit scale there too, not 1 / sigma_data
+        torch.testing.assert_close(dit.edm_sd(frame, torch.cat([none[:, :1], prev[:, 1:]], 1)), torch.tensor([[1.0, sd]] * B))
+
+
+def test_target_std_measures_the_change_the_network_reads_within_episodes(tmp_path):
+    x = np.zeros((6, 1, 1, 1), dtype=np.float16)
+    x[:, 0, 0, 0] = [0, 1, 3, 100, 101, 103]  # two episodes: 0 1 3 | 100 101 103
+    first = np.array([1, 0, 0, 1, 0, 0], dtype=bool)
+    path = tmp_path / "shard_00000.npz"
+    np.savez(path, latents=x, actions=np.zeros(6, np.int64), rewards=np.zeros(6, np.float32), terminated=np.zeros(6, bool), first=first)
+    assert target_std([path], delta=True) == pytest.approx(np.std([1, 2, 1, 2]))  # lag 1, never across the episode start
+    assert target_std([path], delta=True, frames_per_chunk=2) == pytest.approx(np.std([1, 2, 1, 2, 3, 3]))  # lags 1 and 2
+    assert target_std([path], delta=False) == pytest.approx(np.std([0, 1, 3, 100, 101, 103]))
 
 
 def test_level_mean_shifts_training_toward_noise():
@@ -148,7 +168,7 @@ def test_schedule_follows_the_wall_budget():
 def test_bad_lever_flags_are_refused():
     base = ["--data", "d", "--tokenizer", "t", "--out", "o"]
     for bad in (["--change-weight", "-1"], ["--change-weight", "nan"], ["--change-threshold", "0"], ["--level-mean", "inf"],
-                ["--max-minutes", "0"], ["--patch-size", "0"], ["--own-context", "1.5"], ["--own-context", "-0.1"], ["--sigma-data", "0"], ["--sigma-data", "nan"], ["--predict", "eps"]):
+                ["--max-minutes", "0"], ["--patch-size", "0"], ["--own-context", "1.5"], ["--own-context", "-0.1"], ["--sigma-data", "0"], ["--sigma-data", "nan"], ["--predict", "eps"], ["--sigma-data", "0.1"]):  # the last without --predict edm
         with pytest.raises(SystemExit) as e:
             parse_args(base + bad)
         assert e.value.code == 2
@@ -161,7 +181,7 @@ def test_teacher_with_every_lever_trains_exports_and_plays(data, tokenizer, tmp_
     run("-m", "train.teacher", "--data", str(data), "--tokenizer", str(tokenizer), "--out", str(out), *TEACHER, *levers, "--steps", "3")
     cfg = json.loads((out / "model" / "dit" / "config.json").read_text())["config"]
     assert cfg["prev_frame"] and cfg["delta"] and cfg["patch_size"] == 1 and cfg["predict"] == "edm"
-    assert cfg["sigma_data"] == pytest.approx(target_std(sorted((out / "latents" / "train").glob("*.npz")), delta=True), rel=1e-4)  # measured
+    assert cfg["sigma_data"] == pytest.approx(target_std(sorted((out / "latents" / "train").glob("*.npz")), True, cfg["frames_per_chunk"]), rel=1e-4)  # measured
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 3 and all(0 < r["changed_weight_share"] < 1 and np.isfinite(r["loss/flow_weighted"]) for r in log)
 

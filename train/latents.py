@@ -70,15 +70,24 @@ def existing_latents(lat: Path, tok_dir: Path, out: Path) -> tuple[list[Path], l
     return train, list_shards(lat, "heldout") if (lat / "heldout").is_dir() else []
 
 
-def target_std(paths: list[Path], delta: bool, max_frames: int = 20000) -> float:
+def target_std(paths: list[Path], delta: bool, frames_per_chunk: int = 1, max_frames: int = 20000) -> float:
     """Standard deviation of what the network predicts, over the first `max_frames` latent frames of the
-    shards: the frames, or with `delta` their change from the frame before (within episodes). EDM's sigma_data."""
+    shards: the frames, or with `delta` their change from the previous frame the network reads (the last
+    frame of the chunk before: 1 to frames_per_chunk frames back, each lag equally; within episodes, never
+    across an episode start). EDM's sigma_data."""
     parts, n = [], 0
     for path in paths:
         arr = load_shard(path)
         x = arr["latents"].astype(np.float32)
         if delta:
-            x = (x[1:] - x[:-1])[~arr["first"][1:].astype(bool)]
+            start = arr["first"].astype(bool)
+            diffs = []
+            for lag in range(1, frames_per_chunk + 1):
+                crosses = np.zeros(len(x) - lag, dtype=bool)  # an episode starts in (t - lag, t]
+                for j in range(1, lag + 1):
+                    crosses |= start[j:len(x) - lag + j]
+                diffs.append((x[lag:] - x[:-lag])[~crosses])
+            x = np.concatenate(diffs)
         parts.append(x)
         n += len(x)
         if n >= max_frames:

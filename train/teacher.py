@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ from train.latents import check_stamp, encode_latents, target_std, windows
 from train.objectives import head_loss
 from train.skeleton import Run, Schedule, UsageError, check_positive, export_world, hardware, model_card, stage_main, usage_errors
 from worldmodel import cli
-from worldmodel.config import DIT_PRESETS, PREDICTIONS, X0_MIN_LEVEL, DiTConfig, SamplingConfig, dit_config, to_dict
+from worldmodel.config import DIT_PRESETS, PREDICTIONS, DiTConfig, SamplingConfig, dit_config, to_dict
 from worldmodel.dit import CausalDiT
 from worldmodel.flow import add_noise, sample_levels, velocity, x0_from_velocity
 from worldmodel.tokenizer import FrameTokenizer
@@ -81,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--own-context must lie in [0, 1]")
     if args.sigma_data is not None and not (math.isfinite(args.sigma_data) and args.sigma_data > 0):
         p.error("--sigma-data must be a positive finite number")
+    if args.sigma_data is not None and args.predict != "edm":
+        p.error("--sigma-data is EDM's: it needs --predict edm")
     if args.patch_size is not None and args.patch_size <= 0:
         p.error("--patch-size must be positive")
     if not (math.isfinite(args.change_weight) and args.change_weight >= 0) or not (math.isfinite(args.change_threshold) and args.change_threshold > 0):
@@ -131,8 +134,7 @@ def own_context(model: torch.nn.Module, x0: torch.Tensor, a: torch.Tensor, share
     noisy = add_noise(x0, torch.randn(x0.shape, generator=g).to(dev), s)
     with torch.no_grad():
         v, _ = model(x0, noisy, torch.zeros_like(s), s, a, a)
-        # an x0-type network's velocity divides by the level clipped at X0_MIN_LEVEL: undo the same
-        own = x0_from_velocity(noisy, v.float(), s if model_cfg(model).predict == "velocity" else s.clamp(min=X0_MIN_LEVEL))
+        own = x0_from_velocity(noisy, v.float(), s)  # x_s - s v: the velocity is what the loss fits, at every level
     own[:, :Fc] = x0[:, :Fc]
     return torch.where(pick.view(B, 1, 1, 1, 1), own, x0)
 
@@ -190,14 +192,16 @@ def train(args: argparse.Namespace) -> int:
         print(f"latents ready in {run.out / 'latents'} ({run.wall():.0f}s)")
 
     shape = {} if args.patch_size is None else {"patch_size": args.patch_size}
-    if args.predict == "edm":
-        given = args.sigma_data is not None
-        args.sigma_data = shape["sigma_data"] = args.sigma_data if given else round(target_std(train_lat, args.delta), 6)  # the card's command repeats it
-        if d.is_main:
-            print(f"EDM preconditioning: sigma_data {args.sigma_data} ({'given' if given else 'measured on the training latents'})")
     with usage_errors():
         cfg = dit_config(args.preset, in_channels=tok_cfg.channels, latent_size=tok_cfg.latent_size, num_actions=meta["num_actions"], sink_chunks=args.sink_chunks,
                          window_chunks=args.window_chunks, prev_frame=args.prev_frame, delta=args.delta, predict=args.predict, **shape)
+        if args.predict == "edm":
+            given = args.sigma_data is not None
+            if not given:  # the card's command repeats it
+                args.sigma_data = round(target_std(train_lat, args.delta, cfg.frames_per_chunk), 6)
+            cfg = dataclasses.replace(cfg, sigma_data=args.sigma_data)
+            if d.is_main:
+                print(f"EDM preconditioning: sigma_data {args.sigma_data} ({'given' if given else 'measured on the training latents'})")
     if args.frames % cfg.frames_per_chunk:
         raise UsageError(f"--frames {args.frames} must be a multiple of frames_per_chunk {cfg.frames_per_chunk}")
     dit = CausalDiT(cfg).to(d.device)

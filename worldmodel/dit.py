@@ -214,16 +214,27 @@ class CausalDiT(nn.Module):
         if self.cfg.delta:  # the noisy change: x_s - (1 - s) prev = (1 - s)(x0 - prev) + s eps
             x = x - expand(1 - s, x).to(x.dtype) * prev
         if self.cfg.predict == "edm":  # unit-variance input (EDM's c_in)
-            x = x / expand(self.edm_r(s), x).to(x.dtype)
+            x = x / expand(self.edm_r(s, self.edm_sd(x, prev)), x).to(x.dtype)
         tok = self.patchify(x)
         if self.cfg.prev_frame:
             tok = torch.cat([tok, self.patchify(prev)], dim=-1)  # (B, T, N, 2 C p p)
         return tok
 
-    def edm_r(self, s: torch.Tensor) -> torch.Tensor:
-        """EDM's scale of the noisy input at levels s: sqrt(s^2 + sigma_data^2 (1 - s)^2), float32."""
+    def edm_sd(self, x: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
+        """EDM's sigma_data per frame (B, T), float32: the config's, except for frames with no previous frame
+        (the first chunk of a window or of play, whose prev is zeros) under `delta`, whose change is the whole
+        frame: unit scale (the latents are normalised)."""
+        sd = torch.full(x.shape[:2], self.cfg.sigma_data, device=x.device)
+        if not self.cfg.delta:
+            return sd
+        first = prev.flatten(2).abs().amax(-1) == 0  # (B, T); a real frame's normalised latents are never all zero
+        return torch.where(first, torch.ones_like(sd), sd)
+
+    @staticmethod
+    def edm_r(s: torch.Tensor, sd: torch.Tensor) -> torch.Tensor:
+        """EDM's scale of the noisy input at levels s (B, T): sqrt(s^2 + sd^2 (1 - s)^2), float32."""
         s = s.float()
-        return (s**2 + self.cfg.sigma_data**2 * (1 - s) ** 2).sqrt()
+        return (s**2 + sd**2 * (1 - s) ** 2).sqrt()
 
     def velocity_out(self, out: torch.Tensor, x: torch.Tensor, s: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
         """Output tokens (B, T, N, C*p*p) of the noisy frames x (B, T, C, h, w) at levels s (B, T) -> velocity
@@ -233,7 +244,8 @@ class CausalDiT(nn.Module):
         if self.cfg.predict == "velocity":
             return o - prev if self.cfg.delta else o
         if self.cfg.predict == "edm":  # x0 (or the change) = c_skip * noisy input + c_out * network
-            sd, r = self.cfg.sigma_data, self.edm_r(s)
+            sd = self.edm_sd(x, prev)
+            r = self.edm_r(s, sd)
             noisy = x - expand(1 - s, x).to(x.dtype) * prev if self.cfg.delta else x
             o = expand(sd**2 * (1 - s) / r**2, x).to(x.dtype) * noisy + expand(s * sd / r, x).to(x.dtype) * o
         x0 = o + prev if self.cfg.delta else o
