@@ -26,10 +26,11 @@ object looks like at 64x64:
     side, so that the smear around a generated paddle is not read as a ball) and the ball is the heaviest
     4x3 window of the play area; area averaging keeps the centroid of the mass, so the window's centroid
     is the ball's centre. It needs MIN_BALL_MASS (0.35) of a ball's mass, so a ball half hidden in a wall
-    still counts. The red mass left on the court between the bricks and the paddle rows, outside that
-    window, is the frame's `clutter`, in balls: a real frame has none (0 on every emulator frame
-    measured), a generated court strewn with red speckle has plenty, and the probe still reads its
-    heaviest blob as the ball, so clutter is the figure that tells such a court from a clean one;
+    still counts. The red (R - max(G, B), a gray haze is not red) on the open court between the bricks
+    and the paddle rows, beyond its heaviest ball-sized window, is the frame's `clutter`, in balls: a
+    real frame has none (0 on every emulator frame measured), a generated court strewn with red speckle
+    has plenty, and the probe still reads its heaviest blob as the ball, so clutter is the figure that
+    tells such a court from a clean one;
   - score: each of the 3 digit slots is matched against the 10 glyphs rendered in that slot (nearest
     template in the slot's own columns; slots share no column at 64 px). A slot whose nearest template
     is farther than half the smallest distance between two of its templates is unreadable (a reading is
@@ -230,14 +231,13 @@ def _probe_breakout(frames: np.ndarray) -> dict[str, np.ndarray]:
     ball = cover[:, m.ball_rows, m.cols] / unit
     ball_mass, by, bx = _window_centroid(ball, BALL_WINDOW)
     seen = ball_mass >= MIN_BALL_MASS
-    # clutter: the open court from below the bricks to above the paddle rows, the heaviest window's surroundings left out
-    court = np.zeros(ball.shape[1:], dtype=bool)  # (rows, cols) of the ball area
-    court[m.brick_rows.stop - m.ball_rows.start:m.paddle_rows.start - m.ball_rows.start] = True
-    win = np.zeros(ball.shape, dtype=bool)
-    rows = np.clip(np.round(by).astype(np.int64)[:, None] + np.arange(-2, 3), 0, ball.shape[1] - 1)  # (N, 5) around the centroid
-    cols = np.clip(np.round(bx).astype(np.int64)[:, None] + np.arange(-2, 3), 0, ball.shape[2] - 1)
-    win[np.arange(N)[:, None, None], rows[:, :, None], cols[:, None, :]] = True  # a ball too faint to count is not clutter either
-    clutter = (ball * (court[None] & ~win)).sum((1, 2))
+    # clutter: red on the open court, from below the bricks to above the paddle rows, beyond its heaviest
+    # ball-sized window. Red is measured as R - max(G, B) over the ball's (a gray haze is not red).
+    court = frames[:, m.brick_rows.stop:m.paddle_rows.start, m.cols].astype(np.float32)  # (N, rows, cols, 3)
+    red = (court[..., 0] - court[..., 1:].max(-1)) / (c[0] - c[1:].max())
+    red = np.where(red > NOISE_FLOOR, red, 0.0) / unit  # (N, rows, cols) in balls
+    in_window, _, _ = _window_centroid(red, BALL_WINDOW)
+    clutter = red.sum((1, 2)) - in_window
     ball_y = np.where(seen, by + m.ball_rows.start, np.nan)
     ball_x = np.where(seen, bx + m.cols.start, np.nan)
 

@@ -111,3 +111,6 @@ def test_clutter_is_nil_on_real_frames_and_counts_stray_red_on_the_court(play):
     q = probe_breakout(speckled)
     assert q["ball_x"][0] == p["ball_x"][i] and q["ball_y"][0] == p["ball_y"][i]  # the ball reading stands
     assert q["clutter"][0] == pytest.approx(6 * 0.5 / (2 * 4 * (64 / 210) * (64 / 160)), rel=1e-3)  # in balls (a ball is 2x4 screen pixels)
+    hazy = frames[i:i + 1].astype(np.int64)
+    hazy[0, 29:57, 3:61] += 12  # a gray haze over the court is no red
+    assert probe_breakout(hazy.clip(0, 255).astype(np.uint8))["clutter"][0] == 0.0
