@@ -80,14 +80,8 @@ def target_std(paths: list[Path], delta: bool, frames_per_chunk: int = 1, max_fr
         arr = load_shard(path)
         x = arr["latents"].astype(np.float32)
         if delta:
-            start = arr["first"].astype(bool)
-            diffs = []
-            for lag in range(1, frames_per_chunk + 1):
-                crosses = np.zeros(len(x) - lag, dtype=bool)  # an episode starts in (t - lag, t]
-                for j in range(1, lag + 1):
-                    crosses |= start[j:len(x) - lag + j]
-                diffs.append((x[lag:] - x[:-lag])[~crosses])
-            x = np.concatenate(diffs)
+            episode = np.cumsum(arr["first"].astype(np.int64))  # (N,) episode index of each frame
+            x = np.concatenate([(x[lag:] - x[:-lag])[episode[lag:] == episode[:-lag]] for lag in range(1, frames_per_chunk + 1)])
         parts.append(x)
         n += len(x)
         if n >= max_frames:

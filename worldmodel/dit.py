@@ -211,14 +211,18 @@ class CausalDiT(nn.Module):
     def tokens(self, x: torch.Tensor, s: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
         """Input tokens (B, T, N, Din) of latents x (B, T, C, h, w) at levels s (B, T), with each frame's
         previous frame `prev` (B, T, C, h, w) where the config uses it (`prev_frame`, `delta`)."""
-        if self.cfg.delta:  # the noisy change: x_s - (1 - s) prev = (1 - s)(x0 - prev) + s eps
-            x = x - expand(1 - s, x).to(x.dtype) * prev
+        x = self.noisy_input(x, s, prev)
         if self.cfg.predict == "edm":  # unit-variance input (EDM's c_in)
             x = x / expand(self.edm_r(s, self.edm_sd(x, prev)), x).to(x.dtype)
         tok = self.patchify(x)
         if self.cfg.prev_frame:
             tok = torch.cat([tok, self.patchify(prev)], dim=-1)  # (B, T, N, 2 C p p)
         return tok
+
+    def noisy_input(self, x: torch.Tensor, s: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
+        """What the network denoises: the noisy frames x, or with `delta` the noisy change
+        x_s - (1 - s) prev = (1 - s)(x0 - prev) + s eps."""
+        return x - expand(1 - s, x).to(x.dtype) * prev if self.cfg.delta else x
 
     def edm_sd(self, x: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
         """EDM's sigma_data per frame (B, T), float32: the config's, except for frames with no previous frame
@@ -246,8 +250,7 @@ class CausalDiT(nn.Module):
         if self.cfg.predict == "edm":  # x0 (or the change) = c_skip * noisy input + c_out * network
             sd = self.edm_sd(x, prev)
             r = self.edm_r(s, sd)
-            noisy = x - expand(1 - s, x).to(x.dtype) * prev if self.cfg.delta else x
-            o = expand(sd**2 * (1 - s) / r**2, x).to(x.dtype) * noisy + expand(s * sd / r, x).to(x.dtype) * o
+            o = expand(sd**2 * (1 - s) / r**2, x).to(x.dtype) * self.noisy_input(x, s, prev) + expand(s * sd / r, x).to(x.dtype) * o
         x0 = o + prev if self.cfg.delta else o
         return (x - x0) / expand(s.clamp(min=X0_MIN_LEVEL), x).to(x.dtype)
 
