@@ -14,24 +14,31 @@ TOL = dict(atol=2e-5, rtol=1e-4)  # float32, different summation orders
 
 def make_model(seed: int = 0, **over) -> CausalDiT:
     torch.manual_seed(seed)
-    cfg = dit_config("tiny", in_channels=4, latent_size=(4, 4), num_actions=4, **over)
+    cfg = dit_config("tiny", **{"in_channels": 4, "latent_size": (4, 4), "num_actions": 4, **over})
     model = CausalDiT(cfg).eval()
     # adaLN-Zero makes a fresh model ignore most of its input: randomise every weight so the tests bite
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3)
+        if model.refiner is not None:  # convolutions of fan-in 90 (10 channels, 3x3): smaller, or float32 rounding dominates
+            for p in model.refiner.parameters():
+                p.normal_(0, 0.1)
     return model
 
 
 INPUTS = {"plain": {}, "prev": dict(prev_frame=True), "delta": dict(delta=True), "prev+delta": dict(prev_frame=True, delta=True),
           "x0": dict(predict="x0"), "x0+prev+delta": dict(predict="x0", prev_frame=True, delta=True),
-          "edm": dict(predict="edm"), "edm+prev+delta": dict(predict="edm", prev_frame=True, delta=True, sigma_data=0.1)}
+          "edm": dict(predict="edm"), "edm+prev+delta": dict(predict="edm", prev_frame=True, delta=True, sigma_data=0.1),
+          # the pixel refiner: latents of 2x2 pixel patches (12 channels), 8x8 pixels per frame
+          "x0+refine": dict(predict="x0", in_channels=12, pixel_patch=2, refine=4),
+          "edm+prev+delta+refine": dict(predict="edm", prev_frame=True, delta=True, sigma_data=0.1, in_channels=12, pixel_patch=2, refine=4)}
 
 
 @pytest.mark.parametrize("frames_per_chunk,sinks,window,inputs", [(1, 1, 3, "plain"), (2, 2, 2, "plain"), (1, 0, 2, "plain"),
                                                                    (1, 1, 3, "prev"), (2, 2, 2, "prev+delta"), (1, 1, 3, "delta"),
                                                                    (1, 1, 3, "x0"), (2, 1, 2, "x0+prev+delta"),
-                                                                   (1, 1, 3, "edm"), (2, 1, 2, "edm+prev+delta")])
+                                                                   (1, 1, 3, "edm"), (2, 1, 2, "edm+prev+delta"),
+                                                                   (1, 1, 3, "x0+refine"), (2, 1, 2, "edm+prev+delta+refine")])
 def test_cached_generation_equals_full_forward(frames_per_chunk, sinks, window, inputs):
     """Generate chunk by chunk with the cache (sinks + window active well past the window), record every
     denoiser call, then replay the same inputs through the teacher-forcing pack in one forward. With the
@@ -75,7 +82,7 @@ def test_cached_generation_equals_full_forward(frames_per_chunk, sinks, window, 
     torch.testing.assert_close(heads.end_logit, torch.cat(heads_cached, dim=1), **TOL)
 
 
-@pytest.mark.parametrize("inputs", ["plain", "prev+delta", "x0+prev+delta", "edm+prev+delta"])
+@pytest.mark.parametrize("inputs", ["plain", "prev+delta", "x0+prev+delta", "edm+prev+delta", "edm+prev+delta+refine"])
 def test_causality_of_pack(inputs):
     """A noisy chunk's output depends on neither later clean chunks nor its own clean copy; earlier
     outputs never depend on a later chunk's input or action."""

@@ -4,6 +4,7 @@ finest tokens) that exports a model the runtime plays. Parity of the new inputs 
 cache is in test_dit.py."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shlex
@@ -177,10 +178,10 @@ def test_bad_lever_flags_are_refused():
 def test_teacher_with_every_lever_trains_exports_and_plays(data, tokenizer, tmp_path):
     """prev frame + change target + change weight + level shift + 1x1 patches + own-prediction context + EDM output."""
     out = tmp_path / "run"
-    levers = ("--prev-frame", "--delta", "--change-weight", "20", "--level-mean", "0.5", "--patch-size", "1", "--own-context", "0.5", "--predict", "edm")
+    levers = ("--prev-frame", "--delta", "--change-weight", "20", "--level-mean", "0.5", "--patch-size", "1", "--own-context", "0.5", "--predict", "edm", "--refine", "4")
     run("-m", "train.teacher", "--data", str(data), "--tokenizer", str(tokenizer), "--out", str(out), *TEACHER, *levers, "--steps", "3")
     cfg = json.loads((out / "model" / "dit" / "config.json").read_text())["config"]
-    assert cfg["prev_frame"] and cfg["delta"] and cfg["patch_size"] == 1 and cfg["predict"] == "edm"
+    assert cfg["prev_frame"] and cfg["delta"] and cfg["patch_size"] == 1 and cfg["predict"] == "edm" and cfg["refine"] == 4 and cfg["pixel_patch"] > 0
     assert cfg["sigma_data"] == pytest.approx(target_std(sorted((out / "latents" / "train").glob("*.npz")), True, cfg["frames_per_chunk"]), rel=1e-4)  # measured
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 3 and all(0 < r["changed_weight_share"] < 1 and np.isfinite(r["loss/flow_weighted"]) for r in log)
@@ -189,7 +190,7 @@ def test_teacher_with_every_lever_trains_exports_and_plays(data, tokenizer, tmp_
     cmd = next(line.strip() for line in card.splitlines() if line.strip().startswith("python -m train.teacher"))
     again = parse_args(shlex.split(cmd)[3:])  # the card's command reproduces the run's arguments
     assert again.prev_frame and again.delta and again.change_weight == 20 and again.patch_size == 1 and again.level_mean == 0.5 and again.own_context == 0.5
-    assert again.predict == "edm" and again.sigma_data == cfg["sigma_data"]
+    assert again.predict == "edm" and again.sigma_data == cfg["sigma_data"] and again.refine == 4
 
     wm = WorldModel.load(out / "model")
     frames, actions = load_start_frames(out / "model" / "start_frames.npz")
@@ -209,3 +210,112 @@ def test_wall_budget_stops_the_run_with_a_checkpoint(data, tokenizer, tmp_path):
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["step"] < 100000 and state["wall_s"] >= 0.6  # stopped by the budget, where it stopped
     assert f"Optimizer steps: {state['step']}," in (out / "model" / "README.md").read_text()
+
+
+def refined_pair(predict: str = "edm") -> tuple[CausalDiT, CausalDiT]:
+    """A plain and a refined tiny network on 2x2 pixel patches (12 channels, 8x8 pixels), the same weights
+    where they share them."""
+    over = dict(in_channels=12, latent_size=(4, 4), num_actions=4, prev_frame=True, delta=True, predict=predict, sigma_data=0.1, pixel_patch=2)
+    torch.manual_seed(0)
+    plain = CausalDiT(dit_config("tiny", **over)).eval()
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.normal_(0, 0.3)
+    refined = CausalDiT(dit_config("tiny", **over, refine=4)).eval()
+    missing = refined.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("refiner.") for k in missing)
+    return plain, refined
+
+
+def pack_inputs(cfg, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    B, T = 2, 3
+    clean = torch.randn(B, T, cfg.in_channels, *cfg.latent_size, generator=g)
+    return clean, torch.randn(clean.shape, generator=g), torch.zeros(B, T), torch.rand(B, T, generator=g), torch.randint(0, cfg.num_actions, (B, T), generator=g)
+
+
+@pytest.mark.parametrize("predict", ["x0", "edm"])
+def test_pixel_refiner_starts_as_the_identity_and_reads_the_patch_tokenizers_pixels(predict):
+    plain, refined = refined_pair(predict)
+    inputs = pack_inputs(plain.cfg)
+    with torch.no_grad():
+        v_plain, _ = plain.forward_pack(*inputs)
+        v_refined, _ = refined.forward_pack(*inputs)
+    torch.testing.assert_close(v_refined, v_plain)  # the last convolution starts at zero
+    # its pixels are the patch tokenizer's: latents of a frame, laid out back, give the frame
+    from worldmodel.config import TokenizerConfig
+    from worldmodel.tokenizer import FrameTokenizer
+    tok = FrameTokenizer(TokenizerConfig(kind="patch", patch=2, frame_size=(8, 8)))
+    pixels = torch.rand(3, 3, 8, 8) * 2 - 1
+    torch.testing.assert_close(refined.refiner.to_pixels(tok.encode_raw(pixels)), pixels)
+    torch.testing.assert_close(refined.refiner.to_latents(pixels), tok.encode_raw(pixels))
+
+
+def test_pixel_refiner_corrects_locally_and_learns():
+    """Once trained off zero, the correction at a pixel depends on the 7x7 pixels around it alone (three 3x3
+    convolutions), not on a whole token; and a few steps on a target it can express take the loss down."""
+    _, refined = refined_pair("x0")
+    ref = refined.refiner
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.3)
+    pred = torch.zeros(1, 1, 12, 4, 4, requires_grad=True)
+    out = ref(pred, torch.zeros_like(pred), None, torch.full((1, 1), 0.5))
+    px = ref.to_pixels(out.flatten(0, 1))  # (1, 3, 8, 8)
+    px[0, 0, 0, 0].backward()
+    grad = ref.to_pixels(pred.grad.flatten(0, 1))[0].abs().sum(0)  # (8, 8): which input pixels it read
+    assert grad[:4, :4].sum() > 0 and grad[4:].sum() == 0 and grad[:, 4:].sum() == 0
+
+    # it can learn to wipe speckle off a prediction: the target is the prediction with isolated dots removed
+    _, refined = refined_pair("x0")
+    ref = refined.refiner
+    g = torch.Generator().manual_seed(2)
+    opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(60):
+        clean = torch.zeros(8, 1, 12, 4, 4)
+        speckle = (torch.rand(clean.shape, generator=g) < 0.05).float()
+        out = ref(clean + speckle, clean, None, torch.full((8, 1), 0.3))
+        loss = (out - clean).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_init_loads_a_checkpoint_and_starts_a_refiner_as_the_identity(tmp_path):
+    from train.teacher import init_weights
+    from worldmodel.checkpoint import CheckpointError
+    from worldmodel.dit import save_dit
+    plain, refined = refined_pair("edm")
+    save_dit(plain, tmp_path / "dit")
+    fresh = CausalDiT(refined.cfg).eval()
+    ema = CausalDiT(refined.cfg).eval()
+    note = init_weights(fresh, ema, tmp_path / "dit")
+    assert "identity" in note
+    inputs = pack_inputs(plain.cfg, seed=3)
+    with torch.no_grad():
+        want, _ = plain.forward_pack(*inputs)
+        torch.testing.assert_close(fresh.forward_pack(*inputs)[0], want)
+        torch.testing.assert_close(ema.forward_pack(*inputs)[0], want)
+    other = CausalDiT(dit_config("tiny", in_channels=12, latent_size=(4, 4), num_actions=4, predict="x0", pixel_patch=2, refine=4))
+    with pytest.raises(CheckpointError, match="another shape.*predict 'edm' \\(this run: 'x0'\\)"):
+        init_weights(other, copy.deepcopy(other), tmp_path / "dit")
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        init_weights(fresh, ema, tmp_path / "nothing")
+
+
+def test_refiner_configs_are_checked():
+    base = dict(in_channels=12, latent_size=(4, 4), num_actions=4, predict="x0")
+    with pytest.raises(ValueError, match="pixel patches"):
+        dit_config("tiny", **base, refine=4)
+    with pytest.raises(ValueError, match="12 latent channels|27 latent channels"):
+        dit_config("tiny", **{**base, "in_channels": 4}, pixel_patch=2)
+    with pytest.raises(ValueError, match="velocity"):
+        dit_config("tiny", **{**base, "predict": "velocity"}, pixel_patch=2, refine=4)
+    base_args = ["--data", "d", "--tokenizer", "t", "--out", "o"]
+    for bad in (["--refine", "-1"], ["--refine", "8"]):  # the second with the default velocity prediction
+        with pytest.raises(SystemExit):
+            parse_args(base_args + bad)

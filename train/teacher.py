@@ -32,7 +32,8 @@ from train.latents import check_stamp, encode_latents, target_std, windows
 from train.objectives import head_loss
 from train.skeleton import Run, Schedule, UsageError, check_positive, export_world, hardware, model_card, stage_main, usage_errors
 from worldmodel import cli
-from worldmodel.config import DIT_PRESETS, PREDICTIONS, DiTConfig, SamplingConfig, dit_config, to_dict
+from worldmodel.checkpoint import CheckpointError, load_state, load_tensors, read_config
+from worldmodel.config import DIT_PRESETS, PREDICTIONS, DiTConfig, SamplingConfig, dit_config, from_dict, to_dict
 from worldmodel.dit import CausalDiT
 from worldmodel.flow import add_noise, sample_levels, velocity, x0_from_velocity
 from worldmodel.tokenizer import FrameTokenizer
@@ -62,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--predict", choices=PREDICTIONS, default="velocity", help="what the network outputs: the velocity, the clean frame x0 (JiT; for pixel patches wider than the network), or x0 through EDM's preconditioning (edm: anchored to the input at low noise, unit-scale target)")
     p.add_argument("--sigma-data", type=float, default=None, help="with --predict edm: the target's standard deviation (default: measured on the training latents)")
     p.add_argument("--patch-size", type=int, default=None, help="DiT patch size over the latent grid (default: the preset's); 1 gives the finest tokens")
+    p.add_argument("--refine", type=int, default=0, metavar="CHANNELS", help="a pixel-space refiner of this many hidden channels after the last layer (3x3 convolutions over each frame's pixels; needs the patch tokenizer and --predict x0 or edm; 0: none)")
+    p.add_argument("--init", default=None, metavar="PATH", help="start a fresh run from these weights: a training checkpoint (RUN/checkpoint), an exported model (RUN/model) or its dit/ folder; the network must have the same shape, except that a refiner the source lacks starts as the identity")
     p.add_argument("--change-weight", type=float, default=0.0, help="extra flow-loss weight of latent elements that change from the previous frame (0: plain MSE)")
     p.add_argument("--change-threshold", type=float, default=0.05, help="an element changes when it moves by more than this (normalised latent units)")
     p.add_argument("--level-mean", type=float, default=0.0, help="mean of the logit-normal training noise levels; > 0 shifts training toward high noise")
@@ -86,6 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--sigma-data is EDM's: it needs --predict edm")
     if args.patch_size is not None and args.patch_size <= 0:
         p.error("--patch-size must be positive")
+    if args.refine < 0:
+        p.error("--refine must be >= 0 (0: no refiner)")
+    if args.refine and args.predict == "velocity":
+        p.error("--refine corrects a predicted clean frame: it needs --predict x0 or edm")
     if not (math.isfinite(args.change_weight) and args.change_weight >= 0) or not (math.isfinite(args.change_threshold) and args.change_threshold > 0):
         p.error("--change-weight must be >= 0 and --change-threshold > 0 (finite)")
     if not math.isfinite(args.level_mean):
@@ -161,6 +168,36 @@ def teacher_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], args: a
     return flow + args.head_weight * l_heads, {**flow_parts, **head_parts}
 
 
+def init_weights(dit: CausalDiT, ema: CausalDiT, path: Path) -> str:
+    """Load the weights of a training checkpoint (raw into `dit`, EMA into `ema`), an exported model folder or
+    a DiT folder (its weights into both). The source's network must have the shape of `dit`'s config, except
+    for a refiner it lacks, which keeps its identity start. Returns a note for the log."""
+    folder = path / "dit" if (path / "dit" / "config.json").is_file() else path
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{str(path)!r} holds no checkpoint (no config.json, nor dit/config.json)")
+    meta = read_config(folder)
+    if meta.get("kind") not in ("dit", "training") or meta.get("network", "dit") != "dit":
+        raise CheckpointError(f"{str(path)!r} is not a DiT checkpoint (kind {meta.get('kind')!r})")
+    try:
+        src = from_dict(DiTConfig, meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"the DiT config in {str(path)!r} is invalid: {e}") from None
+    own = dit.cfg
+    added = own.refine and not src.refine
+    if added:
+        src = dataclasses.replace(src, refine=own.refine, pixel_patch=own.pixel_patch)
+    diff = sorted(k for k, v in to_dict(own).items() if to_dict(src)[k] != v)
+    if diff:
+        raise CheckpointError(f"{str(path)!r} holds a network of another shape: {', '.join(f'{k} {to_dict(src)[k]!r} (this run: {to_dict(own)[k]!r})' for k in diff)}")
+    groups = [("raw", dit), ("model", ema)] if (folder / "raw.safetensors").is_file() else [("model", dit), ("model", ema)]
+    for group, net in groups:
+        tensors = load_tensors(folder, group)
+        if added:  # the refiner the source lacks keeps this network's identity start
+            tensors.update({k: v for k, v in net.state_dict().items() if k.startswith("refiner.")})
+        load_state(net, tensors, f"{group}.safetensors in {str(folder)!r}")
+    return f" ({'raw and EMA' if groups[0][0] == 'raw' else 'EMA'} weights{'; the refiner starts as the identity' if added else ''})"
+
+
 def model_cfg(model: torch.nn.Module) -> DiTConfig:
     return (model.module if isinstance(model, DDP) else model).cfg
 
@@ -192,6 +229,10 @@ def train(args: argparse.Namespace) -> int:
         print(f"latents ready in {run.out / 'latents'} ({run.wall():.0f}s)")
 
     shape = {} if args.patch_size is None else {"patch_size": args.patch_size}
+    if args.refine:
+        if tok_cfg.kind != "patch":
+            raise UsageError(f"--refine works on pixels: it needs the patch tokenizer (train.tokenizer --kind patch), not {tok_cfg.kind!r}")
+        shape.update(refine=args.refine, pixel_patch=tok_cfg.patch)
     with usage_errors():
         cfg = dit_config(args.preset, in_channels=tok_cfg.channels, latent_size=tok_cfg.latent_size, num_actions=meta["num_actions"], sink_chunks=args.sink_chunks,
                          window_chunks=args.window_chunks, prev_frame=args.prev_frame, delta=args.delta, predict=args.predict, **shape)
@@ -207,6 +248,11 @@ def train(args: argparse.Namespace) -> int:
     dit = CausalDiT(cfg).to(d.device)
     ema = copy.deepcopy(dit).eval().requires_grad_(False)
     opt = torch.optim.AdamW(dit.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+    if args.init is not None and not run.ckpt.exists():  # a resume keeps its checkpoint's weights
+        with usage_errors("--init: "):
+            note = init_weights(dit, ema, Path(args.init))
+        if d.is_main:
+            print(f"initialised from {args.init}{note}")
     train_args = run.resume(cfg, nets={"model": ema, "raw": dit}, opts={"dit": opt})
     n_params = sum(p.numel() for p in dit.parameters())
     model = PackForward(dit) if d.world_size == 1 else DDP(PackForward(dit))
@@ -240,6 +286,7 @@ def card(args: argparse.Namespace, meta: dict, n_params: int, step: int, wall: f
         f"Network: predicts {args.predict}{f' (sigma_data {args.sigma_data})' if getattr(args, 'sigma_data', None) else ''}; previous frame concatenated {'yes' if args.prev_frame else 'no'}, change-from-previous parameterisation {'yes' if args.delta else 'no'}; "
         f"flow loss change weight {args.change_weight} (threshold {args.change_threshold}); logit-normal level mean {args.level_mean}; "
         f"own-prediction context (error recycling) on {getattr(args, 'own_context', 0.0):.0%} of windows",
+        f"Pixel refiner: {f'{args.refine} hidden channels' if getattr(args, 'refine', 0) else 'none'}" + (f"; initialised from {args.init}" if getattr(args, "init", None) else ""),
         f"Samples with {args.sample_steps} Euler steps by default",
     ], "train.teacher", args)
 

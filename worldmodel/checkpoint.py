@@ -138,19 +138,23 @@ def load_tensors(path: str | os.PathLike, group: str = "model") -> dict[str, tor
 
 def load_into(module: torch.nn.Module, path: str | os.PathLike, group: str = "model") -> None:
     """Load a tensor group into a module; a shape or key mismatch is a CheckpointError naming the keys."""
-    sd = load_tensors(path, group)
+    load_state(module, load_tensors(path, group), f"{group}.safetensors in {str(path)!r}")
+
+
+def load_state(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    """Load tensors into a module; a key or shape mismatch, or a NaN, is a CheckpointError naming `what` and the keys."""
     own = module.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     bad = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
     if missing or unexpected or bad:
         raise CheckpointError(
-            f"{group}.safetensors in {str(path)!r} does not match the model built from its config.json: "
+            f"{what} does not match the model built from its config.json: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {bad[:5]}"
         )
     nonfinite = sorted(k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
     if nonfinite:
-        raise CheckpointError(f"{group}.safetensors in {str(path)!r} holds NaN or infinite values in {len(nonfinite)} tensor(s): {nonfinite[:5]}; the run that wrote it diverged or the file is damaged")
+        raise CheckpointError(f"{what} holds NaN or infinite values in {len(nonfinite)} tensor(s): {nonfinite[:5]}; the run that wrote it diverged or the file is damaged")
     module.load_state_dict(sd)
 
 

@@ -102,6 +102,16 @@ class DiTConfig:
     # the change from the previous frame has a standard deviation of a few hundredths.
     predict: str = "velocity"
     sigma_data: float = 0.5  # standard deviation of the target (the frame, or the change with delta); "edm" only
+    # A pixel-space refiner after the last layer (0: none; else its hidden channels). A token of pixel patches
+    # holds hundreds of pixels written by one linear map of a narrow feature, so where a token is active (the
+    # paddle, the ball, a brick) its errors spread over the whole token as speckle. The refiner is three 3x3
+    # convolutions over each frame's pixels, reading the predicted clean frame (or change), the noisy input,
+    # the previous frame and the level, and adding a correction to the prediction (DIAMOND's denoiser is
+    # convolutional throughout). Its last layer starts at zero, so a refined network starts as the plain one.
+    # It needs latents that are raw pixel patches (`pixel_patch`, the patch tokenizer's side) and a network
+    # that predicts x0 or uses EDM's preconditioning.
+    refine: int = 0
+    pixel_patch: int = 0  # the latents are pixel patches of this side, 3 * p * p channels (the patch tokenizer); 0: unknown
 
     def __post_init__(self) -> None:
         self.latent_size = tuple(self.latent_size)
@@ -118,6 +128,14 @@ class DiTConfig:
             raise ValueError(f"predict must be one of {PREDICTIONS}, got {self.predict!r}")
         if not (math.isfinite(self.sigma_data) and self.sigma_data > 0):
             raise ValueError(f"sigma_data must be a positive finite number, got {self.sigma_data}")
+        if self.refine < 0 or self.pixel_patch < 0:
+            raise ValueError(f"refine and pixel_patch must be >= 0, got {self.refine} and {self.pixel_patch}")
+        if self.pixel_patch and self.in_channels != 3 * self.pixel_patch**2:
+            raise ValueError(f"pixel_patch {self.pixel_patch} means {3 * self.pixel_patch**2} latent channels (3 x p x p), got in_channels {self.in_channels}")
+        if self.refine and not self.pixel_patch:
+            raise ValueError("refine needs latents that are pixel patches (pixel_patch > 0: the patch tokenizer)")
+        if self.refine and self.predict == "velocity":
+            raise ValueError("refine corrects a predicted clean frame: it needs predict 'x0' or 'edm', not 'velocity'")
 
     @property
     def uses_prev(self) -> bool:

@@ -129,6 +129,38 @@ def pack_block_mask(mask: torch.Tensor):
     return create_block_mask(mask_mod, B=None, H=None, Q_LEN=L, KV_LEN=L, device=mask.device)
 
 
+class PixelRefiner(nn.Module):
+    """Three 3x3 convolutions over each frame's pixels that correct the network's predicted clean frame (or
+    change): in, per frame, the prediction, the noisy input, the previous frame (zeros where the network
+    reads none) and the level, 10 channels; out, the prediction plus a correction. The last convolution starts
+    at zero (the identity). Frame by frame, so it is causal, and the pack and the cache agree through it."""
+
+    def __init__(self, pixel_patch: int, hidden: int) -> None:
+        super().__init__()
+        self.p = pixel_patch
+        self.net = nn.Sequential(nn.Conv2d(10, hidden, 3, padding=1), nn.SiLU(), nn.Conv2d(hidden, hidden, 3, padding=1), nn.SiLU(),
+                                 nn.Conv2d(hidden, 3, 3, padding=1))
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents (N, 3 p p, h, w) laid out as the patch tokenizer's (3, p, p) cells -> (N, 3, h p, w p)."""
+        n, _, h, w = x.shape
+        return x.reshape(n, 3, self.p, self.p, h, w).permute(0, 1, 4, 2, 5, 3).reshape(n, 3, h * self.p, w * self.p)
+
+    def to_latents(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, hp, wp = x.shape
+        h, w = hp // self.p, wp // self.p
+        return x.reshape(n, 3, h, self.p, w, self.p).permute(0, 1, 3, 5, 2, 4).reshape(n, 3 * self.p * self.p, h, w)
+
+    def forward(self, pred: torch.Tensor, noisy: torch.Tensor, prev: torch.Tensor | None, s: torch.Tensor) -> torch.Tensor:
+        """pred, noisy, prev (B, T, C, h, w) latents, s (B, T) -> the refined prediction (B, T, C, h, w)."""
+        B, T = pred.shape[:2]
+        flat = lambda x: self.to_pixels(x.flatten(0, 1))  # noqa: E731
+        px = flat(pred)
+        level = s.reshape(B * T, 1, 1, 1).to(px.dtype).expand(-1, 1, *px.shape[-2:])
+        inp = torch.cat([px, flat(noisy), flat(prev) if prev is not None else torch.zeros_like(px), level], dim=1)
+        return pred + self.to_latents(self.net(inp)).unflatten(0, (B, T))
+
+
 class CausalDiT(nn.Module):
     """Action-conditioned block-causal video DiT over latent frames."""
 
@@ -143,6 +175,7 @@ class CausalDiT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.depth))
         self.final = FinalLayer(D, cfg.in_channels * p * p)
         self.heads = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, cfg.head_hidden), nn.SiLU(), nn.Linear(cfg.head_hidden, 3))
+        self.refiner = PixelRefiner(cfg.pixel_patch, cfg.refine) if cfg.refine else None
         self._block_masks: dict = {}  # flex-attention masks of the pack, by (chunks, device)
         self.initialize_weights()
 
@@ -166,6 +199,9 @@ class CausalDiT(nn.Module):
         nn.init.zeros_(self.final.ada[-1].bias)
         nn.init.zeros_(self.final.linear.weight)
         nn.init.zeros_(self.final.linear.bias)
+        if self.refiner is not None:  # starts as the identity
+            nn.init.zeros_(self.refiner.net[-1].weight)
+            nn.init.zeros_(self.refiner.net[-1].bias)
         # Rewards and episode ends are rare events: their logits start at the log-odds of EVENT_PRIOR (as focal-loss
         # detectors start their class logits), so an untrained or briefly trained model neither pays a reward nor
         # ends the episode on every step; a zero bias put both at probability 0.5, which is the end threshold.
@@ -251,6 +287,8 @@ class CausalDiT(nn.Module):
             sd = self.edm_sd(x, prev)
             r = self.edm_r(s, sd)
             o = expand(sd**2 * (1 - s) / r**2, x).to(x.dtype) * self.noisy_input(x, s, prev) + expand(s * sd / r, x).to(x.dtype) * o
+        if self.refiner is not None:
+            o = self.refiner(o, self.noisy_input(x, s, prev), prev, s)
         x0 = o + prev if self.cfg.delta else o
         return (x - x0) / expand(s.clamp(min=X0_MIN_LEVEL), x).to(x.dtype)
 
