@@ -415,3 +415,30 @@ def test_ablation_table_from_evaluations(teacher, tmp_path):
     assert p.returncode == 2 and "other clips" in p.stderr
     p = run("-m", "train.ablation", "--eval", str(tmp_path / "nothing"), "--out", str(tmp_path / "abl3"), ok=False)
     assert p.returncode == 2 and "--eval" in p.stderr
+
+    # train.locate_error reads the same evaluation: one row per model, shares that add up, and the sheet
+    p = run("-m", "train.locate_error", "--eval", str(ev), "--token", "16", "--figure", str(tmp_path / "sheet.png"))
+    rows = [line for line in p.stdout.splitlines() if line.startswith("| a |") or line.startswith("| b |")]
+    assert len(rows) == 2 and (tmp_path / "sheet.png").stat().st_size > 0
+    p = run("-m", "train.locate_error", "--eval", str(tmp_path / "nothing"), ok=False)
+    assert p.returncode == 2 and "no rollouts.npz" in p.stderr
+
+
+def test_locate_error_splits_the_error_by_where_frames_really_change():
+    """A dot moves inside token (0, 0); the model gets it right but adds speckle far from it in the same token
+    (weight 3) and in a quiet token (weight 1): the shares follow, and the areas are the regions'."""
+    from train.locate_error import split_error
+    real = np.zeros((1, 2, 32, 32, 3), np.uint8)
+    real[0, 0, 2, 2] = real[0, 1, 2, 4] = 200  # the dot moves two pixels: 2 changed pixels in token (0, 0)
+    gen = real.copy()
+    gen[0, 1, 12, 12, 0] = 30  # away from the change (> 2 px), inside the active token
+    gen[0, 1, 20, 20, 0] = 10  # a quiet token
+    s = split_error(real, gen, token=16, near=2)
+    assert s["active_tokens"] == pytest.approx(0.25)
+    assert s["error_near"] == 0 and s["error_active_away"] == pytest.approx(0.75) and s["error_quiet"] == pytest.approx(0.25)
+    assert s["area_quiet"] == pytest.approx(0.75) and s["area_near"] + s["area_active_away"] == pytest.approx(0.25)
+    assert s["error_mean"] == pytest.approx(40 / 32**2)
+    with pytest.raises(ValueError, match="tokens"):
+        split_error(real, gen, token=12)
+    with pytest.raises(ValueError, match="same shape"):
+        split_error(real, gen[:, :1])
