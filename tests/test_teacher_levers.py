@@ -94,6 +94,19 @@ def test_own_context_replaces_the_picked_windows_after_the_first_chunk_with_the_
     torch.testing.assert_close(own[:, Fc:], x0_from_velocity(noisy, v, s)[:, Fc:])  # x_s - s v, the velocity being what the loss fits
     assert (own[:, Fc:] - x0[:, Fc:]).abs().mean() > 0.1
 
+    # the frame-sized noise can come from a second generator (on the GPU in training): the same numbers give
+    # the same frames, and the small draws stay on the first
+    g_dev = torch.Generator().manual_seed(7)
+    split = own_context(model, x0, a, 1.0, torch.Generator().manual_seed(1), g_dev=g_dev)
+    assert not torch.equal(split, own)
+    g = torch.Generator().manual_seed(1)
+    torch.rand(B, generator=g)
+    s = sample_levels((B, T // Fc), generator=g).repeat_interleave(Fc, dim=1)
+    noisy = (1 - s[..., None, None, None]) * x0 + s[..., None, None, None] * torch.randn(x0.shape, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        v, _ = model(x0, noisy, torch.zeros_like(s), s, a, a)
+    torch.testing.assert_close(split[:, Fc:], x0_from_velocity(noisy, v, s)[:, Fc:])
+
     half = own_context(model, x0, a, 0.5, torch.Generator().manual_seed(0))
     kept = [bool(torch.equal(half[b], x0[b])) for b in range(B)]
     assert 0 < sum(kept) < B  # some windows keep their real context, the others are replaced

@@ -125,12 +125,14 @@ def flow_loss(v: torch.Tensor, target: torch.Tensor, x0: torch.Tensor, change_we
     return weighted, {"loss/flow": plain.item(), "loss/flow_weighted": weighted.item(), "changed_fraction": moved.mean().item(), "changed_weight_share": share.item()}
 
 
-def own_context(model: torch.nn.Module, x0: torch.Tensor, a: torch.Tensor, share: float, g: torch.Generator, level_mean: float = 0.0) -> torch.Tensor:
+def own_context(model: torch.nn.Module, x0: torch.Tensor, a: torch.Tensor, share: float, g: torch.Generator, level_mean: float = 0.0,
+                g_dev: torch.Generator | None = None) -> torch.Tensor:
     """Error recycling: the clean stream of a window x0 (B, T, C, h, w), with a random `share` of the windows
     replaced from the second chunk on by the network's own teacher-forced predictions of those frames (each
     denoised in one step from a training noise level, no gradient). At play time the context is the model's
     own output, errors and all; trained on real contexts only, it amplifies its errors step after step. The
-    first chunk stays real (nothing before it to predict it from)."""
+    first chunk stays real (nothing before it to predict it from). `g_dev` draws the frame-sized noise on x0's
+    device (default: `g`, on the CPU)."""
     if share == 0:
         return x0
     B, T = a.shape
@@ -138,7 +140,7 @@ def own_context(model: torch.nn.Module, x0: torch.Tensor, a: torch.Tensor, share
     dev = x0.device
     pick = (torch.rand(B, generator=g) < share).to(dev)
     s = sample_levels((B, T // Fc), generator=g, mean=level_mean).repeat_interleave(Fc, dim=1).to(dev)
-    noisy = add_noise(x0, torch.randn(x0.shape, generator=g).to(dev), s)
+    noisy = add_noise(x0, randn_on(x0, g if g_dev is None else g_dev), s)
     with torch.no_grad():
         v, _ = model(x0, noisy, torch.zeros_like(s), s, a, a)
         own = x0_from_velocity(noisy, v.float(), s)  # x_s - s v: the velocity is what the loss fits, at every level
@@ -146,7 +148,17 @@ def own_context(model: torch.nn.Module, x0: torch.Tensor, a: torch.Tensor, share
     return torch.where(pick.view(B, 1, 1, 1, 1), own, x0)
 
 
-def teacher_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], args: argparse.Namespace, num_actions: int, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+def randn_on(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Standard normal noise shaped like x, drawn by g on g's device and moved to x's. On a GPU the frame-sized
+    draws come from a generator on the GPU: a CPU drawing 2 x 7M numbers per step at batch 64 would cap the
+    step rate near 10 per second."""
+    return torch.randn(x.shape, generator=g, device=g.device).to(x.device)
+
+
+def teacher_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], args: argparse.Namespace, num_actions: int, g: torch.Generator,
+                 g_dev: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of one batch. `g` draws the small random numbers (levels, drops) on the CPU, `g_dev` the
+    frame-sized noise on the batch's device (default: `g` too, which keeps CPU runs as they were)."""
     x0 = batch["latents"].float()  # (B, T, C, h, w)
     a = batch["actions"].long()  # (B, T)
     B, T = a.shape
@@ -156,10 +168,11 @@ def teacher_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], args: a
     # one noise level per chunk, shared by its frames
     s = sample_levels((B, n), generator=g, mean=args.level_mean).repeat_interleave(Fc, dim=1).to(dev)
     s_ctx = (torch.rand(B, n, generator=g) * args.ctx_noise).repeat_interleave(Fc, dim=1).to(dev)
-    eps = torch.randn(x0.shape, generator=g).to(dev)
-    eps_ctx = torch.randn(x0.shape, generator=g).to(dev)
+    g_dev = g if g_dev is None else g_dev
+    eps = randn_on(x0, g_dev)
+    eps_ctx = randn_on(x0, g_dev)
     noisy = add_noise(x0, eps, s)
-    clean = add_noise(own_context(model, x0, a, args.own_context, g, args.level_mean), eps_ctx, s_ctx)
+    clean = add_noise(own_context(model, x0, a, args.own_context, g, args.level_mean, g_dev), eps_ctx, s_ctx)
     drop = (torch.rand(B, n, generator=g) < args.action_drop).repeat_interleave(Fc, dim=1).to(dev)
     noisy_a = torch.where(drop, torch.full_like(a, num_actions), a)
     v, heads = model(clean, noisy, s_ctx, s, a, noisy_a)
@@ -261,8 +274,9 @@ def train(args: argparse.Namespace) -> int:
 
     batches = windows(train_lat, args.frames, args.batch_size // d.world_size, d, seed=run.seeds.int("data", run.step, shared=True))
     g = run.seeds.generator("noise", run.step)
+    g_dev = g if d.device.type == "cpu" else run.seeds.generator("noise-device", run.step, device=d.device)
     while run.training():
-        loss, parts = teacher_loss(model, next(batches), args, cfg.num_actions, g)
+        loss, parts = teacher_loss(model, next(batches), args, cfg.num_actions, g, g_dev)
         gnorm = run.update(opt, loss, dit, args.lr)
         ema_update(ema, dit, args.ema if run.step >= args.warmup else 0.0)
         run.step_done(parts, gnorm)
