@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sigma-data", type=float, default=None, help="with --predict edm: the target's standard deviation (default: measured on the training latents)")
     p.add_argument("--patch-size", type=int, default=None, help="DiT patch size over the latent grid (default: the preset's); 1 gives the finest tokens")
     p.add_argument("--refine", type=int, default=0, metavar="CHANNELS", help="a pixel-space refiner of this many hidden channels after the last layer (3x3 convolutions over each frame's pixels; needs the patch tokenizer and --predict x0 or edm; 0: none)")
-    p.add_argument("--init", default=None, metavar="PATH", help="start a fresh run from these weights: a training checkpoint (RUN/checkpoint), an exported model (RUN/model) or its dit/ folder; the network must have the same shape, except that a refiner the source lacks starts as the identity")
+    p.add_argument("--init", default=None, metavar="PATH", help="start a fresh run from these weights: a training checkpoint (RUN/checkpoint), an exported model (RUN/model) or its dit/ folder; the network must have the same shape, except that a refiner the source lacks starts as the identity; a re-run with RUN/checkpoint present resumes from that instead")
     p.add_argument("--change-weight", type=float, default=0.0, help="extra flow-loss weight of latent elements that change from the previous frame (0: plain MSE)")
     p.add_argument("--change-threshold", type=float, default=0.05, help="an element changes when it moves by more than this (normalised latent units)")
     p.add_argument("--level-mean", type=float, default=0.0, help="mean of the logit-normal training noise levels; > 0 shifts training toward high noise")
@@ -266,6 +266,8 @@ def train(args: argparse.Namespace) -> int:
             note = init_weights(dit, ema, Path(args.init))
         if d.is_main:
             print(f"initialised from {args.init}{note}")
+    elif args.init is not None and d.is_main and not args.export_only:
+        print(f"--init {args.init}: {run.ckpt} exists, so this run resumes from it")
     train_args = run.resume(cfg, nets={"model": ema, "raw": dit}, opts={"dit": opt})
     n_params = sum(p.numel() for p in dit.parameters())
     model = PackForward(dit) if d.world_size == 1 else DDP(PackForward(dit))
