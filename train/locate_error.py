@@ -41,11 +41,11 @@ def split_error(real: np.ndarray, generated: np.ndarray, token: int = 16, near: 
     for dy in range(-near, near + 1):
         for dx in range(-near, near + 1):
             close |= np.roll(np.roll(change, dy, axis=2), dx, axis=3) & _inside(h, w, dy, dx)
-    active = change.reshape(n, t - 1, h // token, token, w // token, token).any(axis=(3, 5))
-    active = active.repeat(token, axis=2).repeat(token, axis=3)
+    active_tokens = change.reshape(n, t - 1, h // token, token, w // token, token).any(axis=(3, 5))
+    active = active_tokens.repeat(token, axis=2).repeat(token, axis=3)
     regions = {"near": close, "active_away": active & ~close, "quiet": ~active}
     total = err.sum()
-    out = {"active_tokens": float(change.reshape(n, t - 1, h // token, token, w // token, token).any(axis=(3, 5)).mean()), "error_mean": float(err.mean())}
+    out = {"active_tokens": float(active_tokens.mean()), "error_mean": float(err.mean())}
     for name, m in regions.items():
         out[f"error_{name}"] = float(err[m].sum() / total) if total else 0.0
         out[f"area_{name}"] = float(m.mean())

@@ -132,13 +132,14 @@ def network_kind(cfg: Any) -> str:
     return NETWORK_KINDS[name]
 
 
-def read_network_config(ckpt: Path, cls: type) -> Any:
-    """The network config a training checkpoint was written with (format 2 or the older kinds)."""
+def read_network_config(ckpt: Path, cls: type, hint: str = "use another --out") -> Any:
+    """The network config a training checkpoint was written with (format 2 or the older kinds, which include
+    a plain network folder such as a model's dit/); `hint` ends the error of a checkpoint of another kind."""
     saved = read_config(ckpt)
     network = saved.get("network") if saved.get("kind") == "training" else LEGACY_KINDS.get(saved.get("kind"))
     if network != NETWORK_KINDS[cls.__name__]:
         raise CheckpointError(f"{str(ckpt)!r} is not a training checkpoint of a {NETWORK_KINDS[cls.__name__]} "
-                              f"(config.json kind {saved.get('kind')!r}, network {network!r}); use another --out")
+                              f"(config.json kind {saved.get('kind')!r}, network {network!r}); {hint}")
     try:
         return from_dict(cls, saved["config"])
     except (KeyError, TypeError, ValueError) as e:

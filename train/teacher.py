@@ -30,10 +30,10 @@ from train.dataset import read_meta
 from train.common import ema_update
 from train.latents import check_stamp, encode_latents, target_std, windows
 from train.objectives import head_loss
-from train.skeleton import Run, Schedule, UsageError, check_positive, export_world, hardware, model_card, stage_main, usage_errors
+from train.skeleton import Run, Schedule, UsageError, check_positive, export_world, hardware, model_card, read_network_config, stage_main, usage_errors
 from worldmodel import cli
-from worldmodel.checkpoint import CheckpointError, load_state, load_tensors, read_config
-from worldmodel.config import DIT_PRESETS, PREDICTIONS, DiTConfig, SamplingConfig, dit_config, from_dict, to_dict
+from worldmodel.checkpoint import CheckpointError, load_state, load_tensors
+from worldmodel.config import DIT_PRESETS, PREDICTIONS, DiTConfig, SamplingConfig, dit_config, to_dict
 from worldmodel.dit import CausalDiT
 from worldmodel.flow import add_noise, sample_levels, velocity, x0_from_velocity
 from worldmodel.tokenizer import FrameTokenizer
@@ -188,20 +188,14 @@ def init_weights(dit: CausalDiT, ema: CausalDiT, path: Path) -> str:
     folder = path / "dit" if (path / "dit" / "config.json").is_file() else path
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{str(path)!r} holds no checkpoint (no config.json, nor dit/config.json)")
-    meta = read_config(folder)
-    if meta.get("kind") not in ("dit", "training") or meta.get("network", "dit") != "dit":
-        raise CheckpointError(f"{str(path)!r} is not a DiT checkpoint (kind {meta.get('kind')!r})")
-    try:
-        src = from_dict(DiTConfig, meta["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"the DiT config in {str(path)!r} is invalid: {e}") from None
-    own = dit.cfg
-    added = own.refine and not src.refine
+    src = read_network_config(folder, DiTConfig, hint="--init takes a teacher's checkpoint, its model folder or that folder's dit/")
+    added = dit.cfg.refine and not src.refine
     if added:
-        src = dataclasses.replace(src, refine=own.refine, pixel_patch=own.pixel_patch)
-    diff = sorted(k for k, v in to_dict(own).items() if to_dict(src)[k] != v)
+        src = dataclasses.replace(src, refine=dit.cfg.refine, pixel_patch=dit.cfg.pixel_patch)
+    theirs, ours = to_dict(src), to_dict(dit.cfg)
+    diff = sorted(k for k in ours if theirs[k] != ours[k])
     if diff:
-        raise CheckpointError(f"{str(path)!r} holds a network of another shape: {', '.join(f'{k} {to_dict(src)[k]!r} (this run: {to_dict(own)[k]!r})' for k in diff)}")
+        raise CheckpointError(f"{str(path)!r} holds a network of another shape: {', '.join(f'{k} {theirs[k]!r} (this run: {ours[k]!r})' for k in diff)}")
     groups = [("raw", dit), ("model", ema)] if (folder / "raw.safetensors").is_file() else [("model", dit), ("model", ema)]
     for group, net in groups:
         tensors = load_tensors(folder, group)

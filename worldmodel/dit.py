@@ -27,6 +27,7 @@ from .cache import KVCache, query_position, token_positions, visible
 from .checkpoint import CheckpointError, load_into, read_config, save_checkpoint
 from .config import X0_MIN_LEVEL, DiTConfig, from_dict, to_dict
 from .flow import expand
+from .tokenizer import patches_to_pixels, pixels_to_patches
 
 EVENT_PRIOR = 0.01  # initial probability of the rare-event heads (a reward paid, the episode ended) per frame
 
@@ -143,13 +144,10 @@ class PixelRefiner(nn.Module):
 
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """Latents (N, 3 p p, h, w) laid out as the patch tokenizer's (3, p, p) cells -> (N, 3, h p, w p)."""
-        n, _, h, w = x.shape
-        return x.reshape(n, 3, self.p, self.p, h, w).permute(0, 1, 4, 2, 5, 3).reshape(n, 3, h * self.p, w * self.p)
+        return patches_to_pixels(x, self.p)
 
     def to_latents(self, x: torch.Tensor) -> torch.Tensor:
-        n, _, hp, wp = x.shape
-        h, w = hp // self.p, wp // self.p
-        return x.reshape(n, 3, h, self.p, w, self.p).permute(0, 1, 3, 5, 2, 4).reshape(n, 3 * self.p * self.p, h, w)
+        return pixels_to_patches(x, self.p)
 
     def forward(self, pred: torch.Tensor, noisy: torch.Tensor, prev: torch.Tensor | None, s: torch.Tensor) -> torch.Tensor:
         """pred, noisy, prev (B, T, C, h, w) latents, s (B, T) -> the refined prediction (B, T, C, h, w)."""
@@ -283,12 +281,13 @@ class CausalDiT(nn.Module):
         o = self.unpatchify(out)
         if self.cfg.predict == "velocity":
             return o - prev if self.cfg.delta else o
+        noisy = self.noisy_input(x, s, prev) if self.cfg.predict == "edm" or self.refiner is not None else None
         if self.cfg.predict == "edm":  # x0 (or the change) = c_skip * noisy input + c_out * network
             sd = self.edm_sd(x, prev)
             r = self.edm_r(s, sd)
-            o = expand(sd**2 * (1 - s) / r**2, x).to(x.dtype) * self.noisy_input(x, s, prev) + expand(s * sd / r, x).to(x.dtype) * o
+            o = expand(sd**2 * (1 - s) / r**2, x).to(x.dtype) * noisy + expand(s * sd / r, x).to(x.dtype) * o
         if self.refiner is not None:
-            o = self.refiner(o, self.noisy_input(x, s, prev), prev, s)
+            o = self.refiner(o, noisy, prev, s)
         x0 = o + prev if self.cfg.delta else o
         return (x - x0) / expand(s.clamp(min=X0_MIN_LEVEL), x).to(x.dtype)
 

@@ -62,6 +62,22 @@ def build_autoencoder(cfg: TokenizerConfig) -> nn.Module:
     )
 
 
+def pixels_to_patches(pixels: torch.Tensor, p: int) -> torch.Tensor:
+    """The patch tokenizer's layout: pixels (B, 3, H, W) -> (B, 3*p*p, H/p, W/p), each cell's channels (3, p, p)."""
+    b, _, hh, ww = pixels.shape
+    x = pixels.reshape(b, 3, hh // p, p, ww // p, p)  # (B, 3, h, p, w, p)
+    x = x.permute(0, 1, 3, 5, 2, 4)  # (B, 3, p, p, h, w)
+    return x.reshape(b, 3 * p * p, hh // p, ww // p)  # (B, 3*p*p, h, w)
+
+
+def patches_to_pixels(raw: torch.Tensor, p: int) -> torch.Tensor:
+    """The inverse of pixels_to_patches: (B, 3*p*p, h, w) -> pixels (B, 3, h*p, w*p)."""
+    b, _, h, w = raw.shape
+    x = raw.reshape(b, 3, p, p, h, w)  # (B, 3, p, p, h, w)
+    x = x.permute(0, 1, 4, 2, 5, 3)  # (B, 3, h, p, w, p)
+    return x.reshape(b, 3, h * p, w * p)  # (B, 3, H, W)
+
+
 class FrameTokenizer(nn.Module):
     """Frames (B, H, W, 3) uint8 <-> normalised latents (B, C, h, w); see the module docstring."""
 
@@ -144,21 +160,13 @@ class FrameTokenizer(nn.Module):
     def encode_raw(self, pixels: torch.Tensor) -> torch.Tensor:
         """float pixels (B, 3, H, W) in [-1, 1] -> raw latents (B, C, h, w) (posterior mean for the VAE)."""
         if self.vae is None:
-            p = self.cfg.patch
-            b, _, hh, ww = pixels.shape
-            x = pixels.reshape(b, 3, hh // p, p, ww // p, p)  # (B, 3, h, p, w, p)
-            x = x.permute(0, 1, 3, 5, 2, 4)  # (B, 3, p, p, h, w)
-            return x.reshape(b, 3 * p * p, hh // p, ww // p)  # (B, 3*p*p, h, w)
+            return pixels_to_patches(pixels, self.cfg.patch)
         return self._from_vae(self.vae.encode(self._to_vae(pixels)).latent_dist.mean)
 
     def decode_raw(self, raw: torch.Tensor) -> torch.Tensor:
         """raw latents (B, C, h, w) -> float pixels (B, 3, H, W), not clamped."""
         if self.vae is None:
-            p = self.cfg.patch
-            b, _, h, w = raw.shape
-            x = raw.reshape(b, 3, p, p, h, w)  # (B, 3, p, p, h, w)
-            x = x.permute(0, 1, 4, 2, 5, 3)  # (B, 3, h, p, w, p)
-            return x.reshape(b, 3, h * p, w * p)  # (B, 3, H, W)
+            return patches_to_pixels(raw, self.cfg.patch)
         return self._from_vae(self.vae.decode(self._to_vae(raw)).sample)
 
     # ---- public API ----------------------------------------------------------------------------------
