@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="world-model folder, a training run holding model/, or a game (Breakout) or folder name in assets/")
     p.add_argument("--steps", type=int, default=None, help="denoising steps per frame (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="action guidance scale (default: the model's)")
+    p.add_argument("--context-noise", type=float, default=None, metavar="LEVEL", help="noise level in [0, 1) each generated frame enters the model's context at "
+                   "(GameNGen's context noise, for models trained with it; default: the model's)")
     p.add_argument("--fps", type=float, default=None, help="agent steps per second (default: the game's real pace, 15 for Atari)")
     p.add_argument("--scale", type=int, default=8, help="window (and --headless video) pixels per model pixel, nearest-neighbour")
     p.add_argument("--seed", type=cli.seed, default=0, help="seed of the start frames and the model's noise")
@@ -69,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--steps (denoising steps) must be >= 1, got {args.steps}")
     if args.guidance is not None and not math.isfinite(args.guidance):
         p.error(f"--guidance must be a finite number, got {args.guidance}")
+    if args.context_noise is not None and not 0 <= args.context_noise < 1:
+        p.error(f"--context-noise must lie in [0, 1), got {args.context_noise}")
     if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
         p.error(f"--fps must be > 0, got {args.fps}")
     if args.scale < 1:
@@ -126,7 +130,7 @@ def make_adapter(args: argparse.Namespace, model: Path, random_policy: bool = Fa
     from worldmodel.checkpoint import CheckpointError
 
     try:
-        env = WorldModelEnv(model, steps=args.steps, guidance=args.guidance, device=args.device, dtype=args.dtype)
+        env = WorldModelEnv(model, steps=args.steps, guidance=args.guidance, device=args.device, dtype=args.dtype, context_noise=args.context_noise)
     except (CheckpointError, ValueError, OSError) as e:
         raise PlayError(f"cannot load the world model in {str(model)!r}: {e}\n{available_models()}") from None
     policy = PersistentRandom(int(env.action_space.n), np.random.default_rng(args.seed)) if random_policy else None
@@ -136,7 +140,7 @@ def make_adapter(args: argparse.Namespace, model: Path, random_policy: bool = Fa
     except ValueError as e:
         env.close()
         raise PlayError(str(e)) from None
-    meta = {"model": str(model), "seed": args.seed, "denoising_steps": env.wm.steps, "guidance": env.wm.guidance,
+    meta = {"model": str(model), "seed": args.seed, "denoising_steps": env.wm.steps, "guidance": env.wm.guidance, "context_noise": env.wm.sampling.context_noise,
             "policy": "keyboard" if policy is None else policy.description + ("" if args.headless else ", then keyboard"),
             "command": args.command}
     return PlayAdapter(env, fps=args.fps or env.metadata["render_fps"], record_dir=args.record_dir, policy=policy, meta=meta)

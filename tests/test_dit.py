@@ -82,6 +82,48 @@ def test_cached_generation_equals_full_forward(frames_per_chunk, sinks, window, 
     torch.testing.assert_close(heads.end_logit, torch.cat(heads_cached, dim=1), **TOL)
 
 
+@pytest.mark.parametrize("inputs", ["plain", "prev+delta", "edm+prev+delta+refine"])
+def test_context_noise_at_play_equals_the_pack_with_noised_context(inputs):
+    """Chunks committed noised to a context-noise level L (GameNGen's noise at play time) are what the pack
+    sees as its clean stream at s_clean = L: the same velocities and heads, previous frame included (at data
+    scale, x_L / (1 - L)). The committed chunk is noised, the returned one is clean."""
+    model = make_model(frames_per_chunk=1, sink_chunks=1, window_chunks=3, **INPUTS[inputs])
+    cfg = model.cfg
+    B, n, L = 2, 7, 0.3
+    g = torch.Generator().manual_seed(2)
+    actions = torch.randint(0, cfg.num_actions, (B, n), generator=g)
+    levels = sampling_levels(2)
+    cache = model.new_cache(B)
+    committed, calls, heads_cached, clean = [], [], [], []
+    orig = model.forward_cached
+
+    def spy(x, t, a, c, commit=False):
+        v, h = orig(x, t, a, c, commit)
+        (committed if commit is not False else calls).append((float(t[0, 0]), x.clone(), v.clone()))
+        return v, h
+
+    model.forward_cached = spy
+    for i in range(n):
+        noise = torch.randn(B, 1, cfg.in_channels, *cfg.latent_size, generator=g)
+        x0, heads = generate_chunk(model, cache, actions[:, i:i + 1], noise, levels, generator=g, context_noise=L)
+        clean.append(x0)
+        heads_cached.append(heads.end_logit)
+    model.forward_cached = orig
+    assert all(abs(t - L) < 1e-6 for t, _, _ in committed)
+    ctx = torch.cat([x for _, x, _ in committed], dim=1)
+    x0s = torch.cat(clean, dim=1)
+    assert (ctx - (1 - L) * x0s).abs().max() > 1e-2  # noise was added, and the clean chunk came back
+    for s in levels[:-1]:
+        step = [c for c in calls if abs(c[0] - s) < 1e-6]
+        noisy, want = torch.cat([c[1] for c in step], dim=1), torch.cat([c[2] for c in step], dim=1)
+        with torch.no_grad():
+            v, heads = model.forward_pack(ctx, noisy, torch.full(actions.shape, L), torch.full(actions.shape, s), actions)
+        torch.testing.assert_close(v, want, **TOL)
+    torch.testing.assert_close(heads.end_logit, torch.cat(heads_cached, dim=1), **TOL)
+    with pytest.raises(ValueError, match="context-noise level"):
+        generate_chunk(model, model.new_cache(B), actions[:, :1], noise, levels, context_noise=1.0)
+
+
 @pytest.mark.parametrize("inputs", ["plain", "prev+delta", "x0+prev+delta", "edm+prev+delta", "edm+prev+delta+refine"])
 def test_causality_of_pack(inputs):
     """A noisy chunk's output depends on neither later clean chunks nor its own clean copy; earlier

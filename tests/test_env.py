@@ -237,28 +237,63 @@ def test_vector_env_equals_single_envs(model):
     assert (got == want).mean() > 0.999 and np.abs(got - want).max() <= 2
 
 
-@pytest.mark.parametrize("solver", ["euler", "consistency"])
-def test_runtime_worlds_have_their_own_noise(model, starts, solver):
+@pytest.mark.parametrize("solver,context_noise", [("euler", None), ("consistency", None), ("euler", 0.2)])
+def test_runtime_worlds_have_their_own_noise(model, starts, solver, context_noise):
     """WorldModel(batch=N) seeded s samples world b exactly as WorldModel(batch=1) seeded s + b (the runtime
-    keeps one noise generator per world), for both solvers (consistency re-noises at every level)."""
+    keeps one noise generator per world), for both solvers (consistency re-noises at every level) and with
+    context noise (each committed chunk noised from its world's stream)."""
     from worldmodel.runtime import WorldModel
 
     frames, actions = starts
-    batched = WorldModel.load(model, batch=3, steps=3)
+    batched = WorldModel.load(model, batch=3, steps=3, context_noise=context_noise)
     batched.sampling.solver = solver
     batched.reset(frames[[0, 1, 2]], actions[[0, 1, 2]], seed=20)
     got = np.stack([batched.step_batch([1, 2, 3]) for _ in range(3)], axis=1)  # (3, steps, F, H, W, 3)
     for b in range(3):
-        single = WorldModel.load(model, steps=3)
+        single = WorldModel.load(model, steps=3, context_noise=context_noise)
         single.sampling.solver = solver
         single.reset(frames[b], actions[b], seed=20 + b)
         np.testing.assert_allclose(np.stack([single.step(b + 1) for _ in range(3)]), got[b], atol=2)
-    other = WorldModel.load(model, batch=3, steps=3)
+    other = WorldModel.load(model, batch=3, steps=3, context_noise=context_noise)
     other.sampling.solver = solver
     other.reset(frames[[0, 1, 2]], actions[[0, 1, 2]], seed=[20, 21, 99])  # per-world seeds; only world 2 changes
     again = np.stack([other.step_batch([1, 2, 3]) for _ in range(3)], axis=1)
     np.testing.assert_array_equal(again[:2], got[:2])
     assert not np.array_equal(again[2], got[2])
+    if context_noise:  # the setting is used: a clean cache samples other frames from the same seeds
+        clean = WorldModel.load(model, batch=3, steps=3)
+        clean.reset(frames[[0, 1, 2]], actions[[0, 1, 2]], seed=20)
+        assert not np.array_equal(np.stack([clean.step_batch([1, 2, 3]) for _ in range(3)], axis=1), got)
+        twin = WorldModel.load(model, batch=3, steps=3, context_noise=context_noise)
+        twin.reset(frames[[0, 1, 2]], actions[[0, 1, 2]], seed=[20, 21, 99])
+        for _ in range(3):
+            twin.step_batch([1, 2, 3])
+        other.reset_worlds([1], frames[[1]], actions[[1]], seeds=[21])  # the reset draws only from world 1's stream
+        single = WorldModel.load(model, steps=3, context_noise=context_noise)
+        single.reset(frames[1], actions[1], seed=21)
+        after = other.step_batch([1, 2, 3])
+        np.testing.assert_allclose(after[1], single.step(2), atol=2)
+        np.testing.assert_array_equal(after[[0, 2]], twin.step_batch([1, 2, 3])[[0, 2]])  # the other worlds' streams go on untouched
+
+
+def test_context_noise_through_the_envs(model):
+    """`context_noise` reaches the runtime from both envs and play.py; with it a seed still fixes the frames;
+    a level outside [0, 1) is refused by name."""
+    from play import parse_args
+    from worldmodel.runtime import WorldModel
+
+    env = WorldModelEnv(model, context_noise=0.2)
+    assert env.wm.sampling.context_noise == 0.2 and WorldModelVectorEnv(2, model=model, context_noise=0.2).wm.sampling.context_noise == 0.2
+    actions = [1, 2, 3]
+    first = rollout(env, 7, actions)
+    np.testing.assert_array_equal(first, rollout(env, 7, actions))
+    assert not np.array_equal(first[1:], rollout(WorldModelEnv(model), 7, actions)[1:])
+    assert parse_args(["--context-noise", "0.1"]).context_noise == 0.1
+    for bad in (1.0, -0.1, float("nan"), True):
+        with pytest.raises(ValueError, match=r"context-noise level must be a number in \[0, 1\)"):
+            WorldModel.load(model, context_noise=bad)
+    with pytest.raises(SystemExit):
+        parse_args(["--context-noise", "1"])
 
 
 def test_vector_autoreset_next_step(model, starts):

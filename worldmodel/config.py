@@ -170,7 +170,7 @@ SOLVERS = ("euler", "consistency")
 
 @dataclass
 class SamplingConfig:
-    """How a world model samples: steps per chunk, action guidance scale, time shift, step rule.
+    """How a world model samples: steps per chunk, action guidance scale, time shift, step rule, context noise.
 
     `solver` "euler" follows the probability-flow ODE (deterministic; the teacher's sampler); "consistency"
     predicts the clean chunk at every level and re-noises it with fresh noise to the next level (the
@@ -181,6 +181,8 @@ class SamplingConfig:
     guidance: float = 1.0
     shift: float = 1.0
     solver: str = "euler"
+    # the level each chunk enters the KV cache at, noised to it (GameNGen's context noise at play time); 0 is clean
+    context_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not (isinstance(self.steps, (int, float)) and math.isfinite(self.steps) and int(self.steps) == self.steps and self.steps >= 1):
@@ -191,6 +193,8 @@ class SamplingConfig:
             raise ValueError(f"action guidance must be a finite number, got {self.guidance}")
         if not (math.isfinite(self.shift) and self.shift > 0):
             raise ValueError(f"time shift must be a finite positive number, got {self.shift}")
+        if isinstance(self.context_noise, bool) or not (isinstance(self.context_noise, (int, float)) and 0 <= self.context_noise < 1):
+            raise ValueError(f"the context-noise level must be a number in [0, 1), got {self.context_noise!r}")
 
 
 # Size presets, one registry; the CLI reuses its keys as choices.

@@ -393,9 +393,9 @@ class CausalDiT(nn.Module):
     def forward_cached(self, x: torch.Tensor, s: torch.Tensor, actions: torch.Tensor, cache: KVCache, commit: bool | torch.Tensor = False) -> tuple[torch.Tensor, Heads]:
         """x (B, F, C, h, w) one chunk, s/actions (B, F). Attends to the cache and itself.
 
-        With commit=True (the clean re-cache pass; important: it must run at s=0 on the final clean
-        chunk), the chunk's keys/values become permanent context for the chunks after it. A (B,) bool
-        tensor commits only those worlds.
+        With commit=True (the re-cache pass; important: it must run on the final clean chunk at s=0, or on
+        that chunk noised to a context-noise level s, see `sampler.recache`), the chunk's keys/values become
+        permanent context for the chunks after it. A (B,) bool tensor commits only those worlds.
         """
         if x.shape[1] != self.cfg.frames_per_chunk:
             raise ValueError(f"forward_cached takes one chunk of {self.cfg.frames_per_chunk} frame(s), got {x.shape[1]}")
@@ -405,7 +405,9 @@ class CausalDiT(nn.Module):
         prev = cache.prev[:, None].expand_as(x) if self.cfg.uses_prev else None  # (B, F, C, h, w)
         out, feats = self._body(self.tokens(x, s, prev), self.condition(s, actions), cache.attend)
         v = self.velocity_out(out, x, s, prev)
-        last = x[:, -1] if self.cfg.uses_prev else None  # the next chunk's previous frame, where the network reads one
+        # the next chunk's previous frame, where the network reads one: at data scale, as in the pack (a
+        # chunk committed at context-noise level s is (1 - s) x0 + s eps)
+        last = x[:, -1] / expand(1 - s[:, -1], x[:, -1]).to(x.dtype) if self.cfg.uses_prev and commit is not False else None
         if isinstance(commit, torch.Tensor):
             cache.commit(commit, last_frame=last)
         elif commit:

@@ -66,7 +66,8 @@ def check_context_frames(frames: np.ndarray, lead: tuple[int, ...], frame_shape:
 class WorldModel:
     """Holds the DiT, the tokenizer and a KV cache for `batch` worlds."""
 
-    def __init__(self, dit: CausalDiT, tokenizer: FrameTokenizer, info: dict[str, Any], *, steps: int | None = None, guidance: float | None = None, batch: int = 1) -> None:
+    def __init__(self, dit: CausalDiT, tokenizer: FrameTokenizer, info: dict[str, Any], *, steps: int | None = None, guidance: float | None = None, batch: int = 1,
+                 context_noise: float | None = None) -> None:
         if tuple(tokenizer.cfg.latent_size) != tuple(dit.cfg.latent_size) or tokenizer.cfg.channels != dit.cfg.in_channels:
             raise ValueError(f"tokenizer latents {tokenizer.cfg.channels}x{tokenizer.cfg.latent_size} do not match the DiT's {dit.cfg.in_channels}x{dit.cfg.latent_size}")
         self.dit, self.tokenizer, self.info = dit, tokenizer, info
@@ -74,7 +75,7 @@ class WorldModel:
             sampling = from_dict(SamplingConfig, info["sampling"])
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"the world model's sampling settings (config.json 'sampling') are missing or invalid: {e!r}") from None
-        overrides = {k: v for k, v in (("steps", steps), ("guidance", guidance)) if v is not None}
+        overrides = {k: v for k, v in (("steps", steps), ("guidance", guidance), ("context_noise", context_noise)) if v is not None}
         self.sampling = dataclasses.replace(sampling, **overrides)  # validates the overrides too
         self.steps, self.guidance = self.sampling.steps, self.sampling.guidance
         self.levels = sampling_levels(self.steps, self.sampling.shift)
@@ -92,10 +93,11 @@ class WorldModel:
         self._started = False
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu", steps: int | None = None, guidance: float | None = None, batch: int = 1, dtype: str | torch.dtype | None = None) -> "WorldModel":
+    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu", steps: int | None = None, guidance: float | None = None, batch: int = 1, dtype: str | torch.dtype | None = None,
+             context_noise: float | None = None) -> "WorldModel":
         """Load a world-model folder for inference. `dtype` ("float32", the default, or "bfloat16" / "float16")
         is the precision of the DiT, its KV cache and the tokenizer's VAE; noise levels, rotary phases, solver
-        updates and heads stay float32."""
+        updates and heads stay float32. `steps`, `guidance`, `context_noise` override the model's sampling settings."""
         dt = resolve_dtype(dtype)
         path = Path(path)
         info = read_config(path)
@@ -108,7 +110,7 @@ class WorldModel:
         meanings = info.get("action_meanings")
         if not isinstance(meanings, list) or len(meanings) != dit.cfg.num_actions:
             raise CheckpointError(f"{str(path)!r}: config.json names {meanings!r} as actions but the DiT has {dit.cfg.num_actions}")
-        return cls(dit, tok, info, steps=steps, guidance=guidance, batch=batch)
+        return cls(dit, tok, info, steps=steps, guidance=guidance, batch=batch, context_noise=context_noise)
 
     # ----- properties -----
     @property
@@ -204,7 +206,7 @@ class WorldModel:
         lat = self.tokenizer.encode(torch.from_numpy(frames.reshape(B * T, H, W, 3)).to(self.device))
         lat = lat.reshape(B, T, *lat.shape[1:]).to(self.dtype)  # (B, T, C, h, w)
         for i in range(T // Fc):
-            _, self.heads = recache(self.dit, self.cache, lat[:, i * Fc:(i + 1) * Fc], a[:, i * Fc:(i + 1) * Fc], worlds)
+            _, self.heads = recache(self.dit, self.cache, lat[:, i * Fc:(i + 1) * Fc], a[:, i * Fc:(i + 1) * Fc], worlds, self.sampling.context_noise, self.generators)
 
     def _denoise(self, actions) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._started:
@@ -238,7 +240,7 @@ class WorldModel:
         with self._phase("denoise"):
             x0, a = self._denoise(actions)
         with self._phase("recache"):
-            _, self.heads = recache(self.dit, self.cache, x0, a)
+            _, self.heads = recache(self.dit, self.cache, x0, a, level=self.sampling.context_noise, generator=self.generators)
             h = self.heads
             self._check_finite(generated_chunk=x0, reward_and_end_heads=torch.cat([h.reward_logit, h.reward_value, h.end_logit], 1))
         with self._phase("decode"):

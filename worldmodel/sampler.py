@@ -1,4 +1,5 @@
-"""Autoregressive generation with the KV cache: denoise a chunk in N steps, then re-cache it at s=0.
+"""Autoregressive generation with the KV cache: denoise a chunk in N steps, then re-cache it at s=0 (or noised
+to a context-noise level, see `recache`).
 
 Two step rules along a decreasing list of levels (see `SamplingConfig.solver`):
 - "euler": x <- x + (s_next - s) v, the probability-flow ODE (the teacher);
@@ -84,14 +85,33 @@ def denoise(model: CausalDiT, cache: KVCache, actions: torch.Tensor, noise: torc
     return x
 
 
-def generate_chunk(model: CausalDiT, cache: KVCache, actions: torch.Tensor, noise: torch.Tensor, levels: list[float], guidance: float = 1.0, solver: str = "euler", generator: Generators = None) -> tuple[torch.Tensor, Heads]:
+def generate_chunk(model: CausalDiT, cache: KVCache, actions: torch.Tensor, noise: torch.Tensor, levels: list[float], guidance: float = 1.0, solver: str = "euler",
+                   generator: Generators = None, context_noise: float = 0.0) -> tuple[torch.Tensor, Heads]:
     """Denoise one chunk, then commit it to the cache. Returns the clean chunk and the heads of its re-cache pass."""
-    return recache(model, cache, denoise(model, cache, actions, noise, levels, guidance, solver, generator), actions)
+    x0 = denoise(model, cache, actions, noise, levels, guidance, solver, generator)
+    return recache(model, cache, x0, actions, level=context_noise, generator=generator)
 
 
-def recache(model: CausalDiT, cache: KVCache, x0: torch.Tensor, actions: torch.Tensor, worlds: torch.Tensor | None = None) -> tuple[torch.Tensor, Heads]:
-    """Run a clean chunk at s=0 and write its keys/values into the cache (important: s must be 0).
-    `worlds` (B,) bool: commit only those worlds (the others' caches are left as they were)."""
-    s = torch.zeros(actions.shape, device=x0.device, dtype=torch.float32)
-    _, heads = model.forward_cached(x0, s, actions, cache, commit=True if worlds is None else worlds)
+def recache(model: CausalDiT, cache: KVCache, x0: torch.Tensor, actions: torch.Tensor, worlds: torch.Tensor | None = None,
+            level: float = 0.0, generator: Generators = None) -> tuple[torch.Tensor, Heads]:
+    """Run a clean chunk x0 (B, F, C, h, w) at s=0 and write its keys/values into the cache (important: the
+    chunk must be clean). `worlds` (B,) bool: commit only those worlds (the others' caches are left as they were).
+
+    `level` > 0 commits the chunk noised to that level, (1 - level) x0 + level eps with eps drawn by
+    `generator`, at s = level: GameNGen's context noise at play time, for models trained with context noise
+    (the teacher's --ctx-noise). Returns x0 itself and the heads of the commit pass."""
+    if not 0 <= level < 1:
+        raise ValueError(f"the context-noise level must lie in [0, 1), got {level}")
+    s = torch.full(actions.shape, float(level), device=x0.device, dtype=torch.float32)
+    x = x0
+    if level > 0:
+        if worlds is not None and isinstance(generator, (list, tuple)):  # draw only from the committed worlds' streams
+            idx = worlds.nonzero().flatten().tolist()
+            eps = torch.zeros(x0.shape, device=x0.device)
+            if idx:
+                eps[idx] = randn_worlds((len(idx), *x0.shape[1:]), [generator[i] for i in idx], x0.device)
+        else:
+            eps = randn_worlds(tuple(x0.shape), generator, x0.device)
+        x = add_noise(x0, eps.to(x0.dtype), s)
+    _, heads = model.forward_cached(x, s, actions, cache, commit=True if worlds is None else worlds)
     return x0, heads
