@@ -84,6 +84,14 @@ def test_commands_reject_bad_input(data, tmp_path):
     assert p.returncode != 0 and "--steps must be positive" in p.stderr
 
 
+def test_teacher_init_of_another_shape_is_refused_before_the_latents(teacher, data, tokenizer, tmp_path):
+    out = tmp_path / "o"
+    p = run("-m", "train.teacher", "--data", str(data), "--tokenizer", str(tokenizer), "--out", str(out), "--steps", "2", *TEACHER,
+            "--prev-frame", "--init", str(teacher / "model"), ok=False)
+    assert p.returncode == 2 and "--init: " in p.stderr and "prev_frame False (this run: True)" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not (out / "latents").exists()  # refused before any encoding
+
+
 def test_teacher_refuses_a_broken_checkpoint(data, tokenizer, tmp_path):
     run("-m", "train.teacher", "--data", str(data), "--tokenizer", str(tokenizer), "--out", str(tmp_path), "--steps", "2", *TEACHER)
     (tmp_path / "checkpoint" / "state.json").unlink()

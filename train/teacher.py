@@ -181,21 +181,29 @@ def teacher_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], args: a
     return flow + args.head_weight * l_heads, {**flow_parts, **head_parts}
 
 
-def init_weights(dit: CausalDiT, ema: CausalDiT, path: Path) -> str:
-    """Load the weights of a training checkpoint (raw into `dit`, EMA into `ema`), an exported model folder or
-    a DiT folder (its weights into both). The source's network must have the shape of `dit`'s config, except
-    for a refiner it lacks, which keeps its identity start. Returns a note for the log."""
+def init_source(path: Path, cfg: DiTConfig, ignore: tuple[str, ...] = ()) -> tuple[Path, bool]:
+    """The folder of --init's weights and whether its network lacks `cfg`'s refiner, or a CheckpointError: no
+    checkpoint there, or a network of another shape than `cfg` (except for a refiner it lacks; fields in
+    `ignore` are not compared)."""
     folder = path / "dit" if (path / "dit" / "config.json").is_file() else path
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{str(path)!r} holds no checkpoint (no config.json, nor dit/config.json)")
     src = read_network_config(folder, DiTConfig, hint="--init takes a teacher's checkpoint, its model folder or that folder's dit/")
-    added = dit.cfg.refine and not src.refine
+    added = bool(cfg.refine and not src.refine)
     if added:
-        src = dataclasses.replace(src, refine=dit.cfg.refine, pixel_patch=dit.cfg.pixel_patch)
-    theirs, ours = to_dict(src), to_dict(dit.cfg)
-    diff = sorted(k for k in ours if theirs[k] != ours[k])
+        src = dataclasses.replace(src, refine=cfg.refine, pixel_patch=cfg.pixel_patch)
+    theirs, ours = to_dict(src), to_dict(cfg)
+    diff = sorted(k for k in ours if theirs[k] != ours[k] and k not in ignore)
     if diff:
         raise CheckpointError(f"{str(path)!r} holds a network of another shape: {', '.join(f'{k} {theirs[k]!r} (this run: {ours[k]!r})' for k in diff)}")
+    return folder, added
+
+
+def init_weights(dit: CausalDiT, ema: CausalDiT, path: Path) -> str:
+    """Load the weights of a training checkpoint (raw into `dit`, EMA into `ema`), an exported model folder or
+    a DiT folder (its weights into both). The source's network must have the shape of `dit`'s config, except
+    for a refiner it lacks, which keeps its identity start. Returns a note for the log."""
+    folder, added = init_source(path, dit.cfg)
     groups = [("raw", dit), ("model", ema)] if (folder / "raw.safetensors").is_file() else [("model", dit), ("model", ema)]
     for group, net in groups:
         tensors = load_tensors(folder, group)
@@ -229,12 +237,6 @@ def train(args: argparse.Namespace) -> int:
         check_stamp(Path(args.out) / "latents", tok_dir, "delete it or use a new --out")  # every rank checks, so all exit together
     if tuple(meta["frame_size"]) != tuple(tok_cfg.frame_size):
         raise UsageError(f"dataset frames are {meta['frame_size']} but the tokenizer takes {list(tok_cfg.frame_size)}")
-    run = Run.start(args, "teacher", Schedule(args.warmup, args.steps, min_ratio=0.1, max_minutes=args.max_minutes), args.export_only)
-    d = run.d
-    train_lat, _ = encode_latents(data, tok_dir, run.out / "latents", d)  # once; each rank encodes its share of the shards
-    if d.is_main:
-        print(f"latents ready in {run.out / 'latents'} ({run.wall():.0f}s)")
-
     shape = {} if args.patch_size is None else {"patch_size": args.patch_size}
     if args.refine:
         if tok_cfg.kind != "patch":
@@ -243,6 +245,16 @@ def train(args: argparse.Namespace) -> int:
     with usage_errors():
         cfg = dit_config(args.preset, in_channels=tok_cfg.channels, latent_size=tok_cfg.latent_size, num_actions=meta["num_actions"], sink_chunks=args.sink_chunks,
                          window_chunks=args.window_chunks, prev_frame=args.prev_frame, delta=args.delta, predict=args.predict, **shape)
+    run = Run.start(args, "teacher", Schedule(args.warmup, args.steps, min_ratio=0.1, max_minutes=args.max_minutes), args.export_only)
+    d = run.d
+    if args.init is not None and not run.ckpt.exists():  # before the latents: a wrong source is refused at once
+        with usage_errors("--init: "):
+            init_source(Path(args.init), cfg, ignore=("sigma_data",) if args.predict == "edm" and args.sigma_data is None else ())  # measured below
+    train_lat, _ = encode_latents(data, tok_dir, run.out / "latents", d)  # once; each rank encodes its share of the shards
+    if d.is_main:
+        print(f"latents ready in {run.out / 'latents'} ({run.wall():.0f}s)")
+
+    with usage_errors():
         if args.predict == "edm":
             given = args.sigma_data is not None
             if not given:  # the card's command repeats it
