@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="world-model folder, a training run holding model/, or a game (Breakout) or folder name in assets/")
     p.add_argument("--steps", type=int, default=None, help="denoising steps per frame (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="action guidance scale (default: the model's)")
-    p.add_argument("--context-noise", type=float, default=None, metavar="LEVEL", help="noise level in [0, 1) each generated frame enters the model's context at "
+    p.add_argument("--context-noise", type=float, default=None, metavar="LEVEL", help="noise level in [0, 1) every frame enters the model's context at, the start frames included "
                    "(GameNGen's context noise, for models trained with it; default: the model's)")
     p.add_argument("--fps", type=float, default=None, help="agent steps per second (default: the game's real pace, 15 for Atari)")
     p.add_argument("--scale", type=int, default=8, help="window (and --headless video) pixels per model pixel, nearest-neighbour")

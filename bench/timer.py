@@ -11,8 +11,8 @@ import torch
 
 class PhaseTimer:
     """Wall time of each phase of `WorldModel.step_batch`, in seconds, one entry per call:
-    "denoise" (the transformer passes of the denoising steps, noise included), "recache" (the clean t=0
-    pass that extends the KV cache and reads the heads) and "decode" (latents -> uint8 frames on the host).
+    "denoise" (the transformer passes of the denoising steps, noise included), "recache" (the re-cache
+    pass of the finished chunk, at s=0 or the context-noise level, that extends the KV cache and reads the heads) and "decode" (latents -> uint8 frames on the host).
     On CUDA each phase is synchronised at both ends, so the split is the device's, not the launch queue's."""
 
     def __init__(self, device: torch.device | str = "cpu") -> None:

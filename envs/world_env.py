@@ -91,8 +91,9 @@ class WorldModelEnv(gym.Env):
 
     - `model`: world-model folder (default: the shipped `assets/breakout`).
     - `steps`, `guidance`: denoising steps per chunk and action guidance scale (None: the model's own).
-    - `context_noise`: the level in [0, 1) each generated chunk enters the model's context at, noised to it
-      (GameNGen's context noise, for models trained with it; None: the model's own, 0 unless its config sets it).
+    - `context_noise`: the level in [0, 1) every chunk enters the model's context at, noised to it: the real
+      start frames and each generated chunk (GameNGen's context noise, for models trained with it; None: the
+      model's own, 0 unless its config sets it).
     - `frame_stack`: frames per observation (1: (H, W, 3); k > 1: (k, H, W, 3), newest last).
     - `render_mode`: None, "rgb_array" (`render()` returns the newest frame) or "human" (a pygame window,
       scaled up 8x nearest-neighbour, at `metadata["render_fps"]`).

@@ -233,9 +233,11 @@ def test_flex_block_mask_matches_sdpa():
         torch.testing.assert_close(attention(q, k, v, mask=mask), want, atol=1e-5, rtol=1e-4)
 
 
-def test_bfloat16_forwards_run():
-    """Reduced precision keeps q, k and v in one dtype (rotary maths runs in float32 and comes back)."""
-    model = make_model(sink_chunks=1, window_chunks=2).to(torch.bfloat16)
+@pytest.mark.parametrize("inputs", ["plain", "prev+delta"])
+def test_bfloat16_forwards_run(inputs):
+    """Reduced precision keeps q, k and v in one dtype (rotary maths runs in float32 and comes back), with
+    and without context noise on the commit."""
+    model = make_model(sink_chunks=1, window_chunks=2, **INPUTS[inputs]).to(torch.bfloat16)
     cfg = model.cfg
     x = torch.randn(1, 3, cfg.in_channels, *cfg.latent_size, dtype=torch.bfloat16)
     a = torch.randint(0, cfg.num_actions, (1, 3))
@@ -245,6 +247,10 @@ def test_bfloat16_forwards_run():
         cache = model.new_cache(1)
         x0, heads = generate_chunk(model, cache, a[:, :1], x[:, :1], sampling_levels(2))
         assert x0.dtype == torch.bfloat16 and torch.isfinite(heads.end_logit).all()
+        x0, heads = generate_chunk(model, cache, a[:, 1:2], x[:, 1:2], sampling_levels(2), generator=torch.Generator().manual_seed(0), context_noise=0.3)
+        assert x0.dtype == torch.bfloat16 and torch.isfinite(heads.end_logit).all()
+        if cache.prev is not None:
+            assert cache.prev.dtype == torch.bfloat16
 
 
 def test_grad_through_cached_generation():

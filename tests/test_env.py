@@ -279,7 +279,7 @@ def test_runtime_worlds_have_their_own_noise(model, starts, solver, context_nois
 def test_context_noise_through_the_envs(model):
     """`context_noise` reaches the runtime from both envs and play.py; with it a seed still fixes the frames;
     a level outside [0, 1) is refused by name."""
-    from play import parse_args
+    from play import make_adapter, parse_args
     from worldmodel.runtime import WorldModel
 
     env = WorldModelEnv(model, context_noise=0.2)
@@ -288,7 +288,9 @@ def test_context_noise_through_the_envs(model):
     first = rollout(env, 7, actions)
     np.testing.assert_array_equal(first, rollout(env, 7, actions))
     assert not np.array_equal(first[1:], rollout(WorldModelEnv(model), 7, actions)[1:])
-    assert parse_args(["--context-noise", "0.1"]).context_noise == 0.1
+    adapter = make_adapter(parse_args(["--model", str(model), "--context-noise", "0.1"]), model, random_policy=True)
+    assert adapter.env.wm.sampling.context_noise == 0.1 and adapter.meta["context_noise"] == 0.1
+    adapter.env.close()
     for bad in (1.0, -0.1, float("nan"), True):
         with pytest.raises(ValueError, match=r"context-noise level must be a number in \[0, 1\)"):
             WorldModel.load(model, context_noise=bad)

@@ -195,6 +195,7 @@ def test_teacher_with_every_lever_trains_exports_and_plays(data, tokenizer, tmp_
     run("-m", "train.teacher", "--data", str(data), "--tokenizer", str(tokenizer), "--out", str(out), *TEACHER, *levers, "--steps", "3")
     cfg = json.loads((out / "model" / "dit" / "config.json").read_text())["config"]
     assert cfg["prev_frame"] and cfg["delta"] and cfg["patch_size"] == 1 and cfg["predict"] == "edm" and cfg["refine"] == 4 and cfg["pixel_patch"] > 0
+    assert "context_noise" not in json.loads((out / "model" / "config.json").read_text())["sampling"]  # unset: readable by code older than the field
     assert cfg["sigma_data"] == pytest.approx(target_std(sorted((out / "latents" / "train").glob("*.npz")), True, cfg["frames_per_chunk"]), rel=1e-4)  # measured
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 3 and all(0 < r["changed_weight_share"] < 1 and np.isfinite(r["loss/flow_weighted"]) for r in log)
@@ -204,6 +205,10 @@ def test_teacher_with_every_lever_trains_exports_and_plays(data, tokenizer, tmp_
     again = parse_args(shlex.split(cmd)[3:])  # the card's command reproduces the run's arguments
     assert again.prev_frame and again.delta and again.change_weight == 20 and again.patch_size == 1 and again.level_mean == 0.5 and again.own_context == 0.5
     assert again.predict == "edm" and again.sigma_data == cfg["sigma_data"] and again.refine == 4
+    # the card's EDM command (sigma_data given) starts a fresh run from the model with --init
+    p = run("-m", "train.teacher", "--data", str(data), "--tokenizer", str(tokenizer), "--out", str(tmp_path / "again"), *TEACHER, *levers,
+            "--sigma-data", str(cfg["sigma_data"]), "--init", str(out / "model"), "--steps", "1")
+    assert f"initialised from {out / 'model'}" in p.stdout, p.stdout[-2000:]
 
     wm = WorldModel.load(out / "model")
     frames, actions = load_start_frames(out / "model" / "start_frames.npz")

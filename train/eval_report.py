@@ -152,6 +152,7 @@ def _model_details(name: str, mm: dict, hold: dict, has_probe: bool, first: int)
         "",
         *_glance(name, mm, hold, has_probe, first),
         f"`{mm['path']}`: denoising steps {mm['denoising_steps']} ({mm['solver']}), guidance {mm['guidance']}, "
+        f"{'context noise ' + str(mm['context_noise']) + ', ' if mm.get('context_noise') else ''}"
         f"{mm['nfe_per_step']} network evaluations per step; single world {_f(mm['single_world_steps_per_s'], 1)} steps/s "
         f"({_f(mm['single_world_step_ms_median'], 1)} ms), all episodes batched {_f(mm['batched_steps_per_s'], 1)} steps/s.",
         "",

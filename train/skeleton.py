@@ -231,6 +231,11 @@ class Run:
         """Seconds of this run so far, all resumed parts included."""
         return self.wall_before + time.time() - self.t0
 
+    def has_checkpoint(self) -> bool:
+        """Whether OUT/checkpoint exists, a save that a kill cut short between its renames included."""
+        recover(self.ckpt)
+        return self.ckpt.exists()
+
     def resume(self, cfg: Any, nets: dict[str, torch.nn.Module], opts: dict[str, torch.optim.Optimizer]) -> argparse.Namespace:
         """Resume from OUT/checkpoint if it exists (else a fresh start), open the logs from that step, and return
         the arguments the checkpoint trained with (for --export-only's model card; else this run's)."""

@@ -19,7 +19,7 @@ from train.latents import encode_latents, existing_latents, fixed_batch
 from train.skeleton import Run, Schedule, check_positive, export_world, usage_errors
 from worldmodel import cli
 from worldmodel.checkpoint import CheckpointError, read_config
-from worldmodel.config import SamplingConfig, to_dict
+from worldmodel.config import SamplingConfig
 from worldmodel.dit import CausalDiT, load_dit
 from worldmodel.flow import guided, sampling_levels
 from worldmodel.sampler import solver_step
@@ -77,7 +77,7 @@ class Distill:
     def export(self, ema: CausalDiT, stage: str, sample_steps: int, card: str) -> Path:
         """OUT/model: the student (EMA weights) with the teacher's game info, sampling with the consistency solver."""
         info = {k: v for k, v in self.info.items() if k not in ("kind", "format_version", "sampling", "trained")}
-        info["sampling"] = to_dict(SamplingConfig(steps=sample_steps, solver="consistency"))
+        info["sampling"] = SamplingConfig(steps=sample_steps, solver="consistency").to_json()
         info["trained"] = {"stage": stage, "steps": self.run.step, "teacher": str(self.teacher_dir), "data": str(self.run.args.data)}
         return export_world(self.run.out, ema, self.teacher_dir / "tokenizer", info, Path(self.run.args.data), card)
 

@@ -247,9 +247,12 @@ def train(args: argparse.Namespace) -> int:
                          window_chunks=args.window_chunks, prev_frame=args.prev_frame, delta=args.delta, predict=args.predict, **shape)
     run = Run.start(args, "teacher", Schedule(args.warmup, args.steps, min_ratio=0.1, max_minutes=args.max_minutes), args.export_only)
     d = run.d
-    if args.init is not None and not run.ckpt.exists():  # before the latents: a wrong source is refused at once
+    if args.init is not None and not run.has_checkpoint():  # before the latents: a wrong source is refused at once
         with usage_errors("--init: "):
-            init_source(Path(args.init), cfg, ignore=("sigma_data",) if args.predict == "edm" and args.sigma_data is None else ())  # measured below
+            if args.predict == "edm" and args.sigma_data is not None:
+                init_source(Path(args.init), dataclasses.replace(cfg, sigma_data=args.sigma_data))
+            else:  # EDM's sigma_data is measured on the latents below, and compared then
+                init_source(Path(args.init), cfg, ignore=("sigma_data",) if args.predict == "edm" else ())
     train_lat, _ = encode_latents(data, tok_dir, run.out / "latents", d)  # once; each rank encodes its share of the shards
     if d.is_main:
         print(f"latents ready in {run.out / 'latents'} ({run.wall():.0f}s)")
@@ -267,7 +270,7 @@ def train(args: argparse.Namespace) -> int:
     dit = CausalDiT(cfg).to(d.device)
     ema = copy.deepcopy(dit).eval().requires_grad_(False)
     opt = torch.optim.AdamW(dit.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
-    if args.init is not None and not run.ckpt.exists():  # a resume keeps its checkpoint's weights
+    if args.init is not None and not run.has_checkpoint():  # a resume keeps its checkpoint's weights
         with usage_errors("--init: "):
             note = init_weights(dit, ema, Path(args.init))
         if d.is_main:
@@ -292,7 +295,7 @@ def train(args: argparse.Namespace) -> int:
 
     if d.is_main:  # the world model (EMA weights) with real start contexts from held-out episodes
         info = {"game": meta["game"], "env_id": meta.get("env_id"), "action_meanings": meta["action_meanings"], "frame_size": list(meta["frame_size"]),
-                "frameskip": meta["frameskip"], "sampling": to_dict(SamplingConfig(steps=args.sample_steps)),
+                "frameskip": meta["frameskip"], "sampling": SamplingConfig(steps=args.sample_steps).to_json(),
                 "trained": {"stage": "teacher", "steps": run.step, "preset": args.preset, "data": str(data)}}
         export_world(run.out, ema, tok_dir, info, data, card(train_args, meta, n_params, run.step, run.wall(), d))
     run.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -193,8 +194,17 @@ class SamplingConfig:
             raise ValueError(f"action guidance must be a finite number, got {self.guidance}")
         if not (math.isfinite(self.shift) and self.shift > 0):
             raise ValueError(f"time shift must be a finite positive number, got {self.shift}")
-        if isinstance(self.context_noise, bool) or not (isinstance(self.context_noise, (int, float)) and 0 <= self.context_noise < 1):
+        if isinstance(self.context_noise, bool) or not (isinstance(self.context_noise, numbers.Real) and 0 <= self.context_noise < 1):
             raise ValueError(f"the context-noise level must be a number in [0, 1), got {self.context_noise!r}")
+        self.context_noise = float(self.context_noise)
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings as written to a model's config.json; context_noise only when set, so that model folders
+        without it read the same in code that predates the field."""
+        d = to_dict(self)
+        if not d["context_noise"]:
+            del d["context_noise"]
+        return d
 
 
 # Size presets, one registry; the CLI reuses its keys as choices.

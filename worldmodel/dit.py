@@ -8,7 +8,7 @@ The network knows nothing of the noise schedule: it maps (latents, per-frame noi
 per-frame action) to a velocity; `worldmodel.flow` holds the maths and `worldmodel.sampler` the loop.
 Two ways to run it:
 - `forward_pack`: the teacher-forcing sequence [clean chunks | noisy chunks] in one pass (training);
-- `forward_cached`: one chunk against a `KVCache` (generation; `commit=True` for the clean s=0 pass).
+- `forward_cached`: one chunk against a `KVCache` (generation; `commit=True` for the re-cache pass of a finished chunk, at s=0 or at a context-noise level).
 `save_dit` / `load_dit` write and read it as a `worldmodel.checkpoint` folder with its config.
 """
 from __future__ import annotations

@@ -87,15 +87,17 @@ def denoise(model: CausalDiT, cache: KVCache, actions: torch.Tensor, noise: torc
 
 def generate_chunk(model: CausalDiT, cache: KVCache, actions: torch.Tensor, noise: torch.Tensor, levels: list[float], guidance: float = 1.0, solver: str = "euler",
                    generator: Generators = None, context_noise: float = 0.0) -> tuple[torch.Tensor, Heads]:
-    """Denoise one chunk, then commit it to the cache. Returns the clean chunk and the heads of its re-cache pass."""
+    """Denoise one chunk, then commit it to the cache (noised to `context_noise`, see `recache`; `generator`
+    draws that noise too). Returns the clean chunk and the heads of its re-cache pass."""
     x0 = denoise(model, cache, actions, noise, levels, guidance, solver, generator)
     return recache(model, cache, x0, actions, level=context_noise, generator=generator)
 
 
 def recache(model: CausalDiT, cache: KVCache, x0: torch.Tensor, actions: torch.Tensor, worlds: torch.Tensor | None = None,
             level: float = 0.0, generator: Generators = None) -> tuple[torch.Tensor, Heads]:
-    """Run a clean chunk x0 (B, F, C, h, w) at s=0 and write its keys/values into the cache (important: the
-    chunk must be clean). `worlds` (B,) bool: commit only those worlds (the others' caches are left as they were).
+    """Write a finished chunk x0 (B, F, C, h, w) into the cache: run it at s=0 (important: x0 must be the clean
+    chunk, never a partly denoised one). `worlds` (B,) bool: commit only those worlds (the others' caches are
+    left as they were).
 
     `level` > 0 commits the chunk noised to that level, (1 - level) x0 + level eps with eps drawn by
     `generator`, at s = level: GameNGen's context noise at play time, for models trained with context noise
@@ -112,6 +114,6 @@ def recache(model: CausalDiT, cache: KVCache, x0: torch.Tensor, actions: torch.T
                 eps[idx] = randn_worlds((len(idx), *x0.shape[1:]), [generator[i] for i in idx], x0.device)
         else:
             eps = randn_worlds(tuple(x0.shape), generator, x0.device)
-        x = add_noise(x0, eps.to(x0.dtype), s)
+        x = add_noise(x0.float(), eps, s).to(x0.dtype)  # mixed in float32, as the solver steps are
     _, heads = model.forward_cached(x, s, actions, cache, commit=True if worlds is None else worlds)
     return x0, heads
