@@ -8,6 +8,8 @@ differences.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 import pytest
@@ -223,3 +225,33 @@ def test_dit_jvp_matches_finite_differences():
     scale = float(fd.abs().max())  # large: the time embedding runs at 1000 s (see the sCM note above)
     assert scale > 1e-2  # not trivially zero
     torch.testing.assert_close(jvp, fd, atol=1e-6 * scale, rtol=1e-5)
+
+
+def test_low_time_scale_keeps_the_level_derivative_small():
+    """DiTConfig.time_scale: with the same weights, the network's derivative in the noise level (sCM's tangent
+    term) is far smaller at time_scale 1 than at DiT's 1000, while its outputs still depend on the level."""
+    torch.manual_seed(0)
+    cfg = dit_config("tiny", in_channels=4, latent_size=(4, 4), num_actions=4, sink_chunks=1, window_chunks=2)
+    fast = CausalDiT(cfg).double().eval()
+    with torch.no_grad():
+        for p in fast.parameters():
+            p.normal_(0, 0.3)
+    slow = CausalDiT(dataclasses.replace(cfg, time_scale=1.0)).double().eval()
+    slow.load_state_dict(fast.state_dict())
+    g = torch.Generator().manual_seed(1)
+    clean, x = (torch.randn(2, 3, 4, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    s = torch.rand(2, 3, generator=g, dtype=torch.float64) * 0.8 + 0.1
+    a = torch.randint(0, 4, (2, 3), generator=g)
+
+    def d_ds(model):
+        with attention_backend("math"), torch.no_grad():
+            out, tangent = torch.func.jvp(lambda s_: model.forward_pack(clean, x, torch.zeros_like(s_), s_, a)[0], (s,), (torch.ones_like(s),))
+        return out, float(tangent.abs().max())
+
+    (out_fast, fast_d), (out_slow, slow_d) = d_ds(fast), d_ds(slow)
+    assert slow_d * 50 < fast_d and slow_d > 0
+    with torch.no_grad():
+        other = slow.forward_pack(clean, x, torch.zeros_like(s), s * 0.5, a)[0]
+    assert (other - out_slow).abs().max() > 1e-3  # the level is still read
+    with pytest.raises(ValueError, match="time_scale"):
+        dataclasses.replace(cfg, time_scale=0.0)

@@ -63,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--predict", choices=PREDICTIONS, default="velocity", help="what the network outputs: the velocity, the clean frame x0 (JiT; for pixel patches wider than the network), or x0 through EDM's preconditioning (edm: anchored to the input at low noise, unit-scale target)")
     p.add_argument("--sigma-data", type=float, default=None, help="with --predict edm: the target's standard deviation (default: measured on the training latents)")
     p.add_argument("--patch-size", type=int, default=None, help="DiT patch size over the latent grid (default: the preset's); 1 gives the finest tokens")
+    p.add_argument("--time-scale", type=float, default=1000.0, help="the time embedding reads TIME_SCALE x the noise level (DiT: 1000; a teacher to be "
+                   "distilled with sCM wants a low one, e.g. 1-10, whose derivative in the level stays small)")
     p.add_argument("--refine", type=int, default=0, metavar="CHANNELS", help="a pixel-space refiner of this many hidden channels after the last layer (3x3 convolutions over each frame's pixels; needs the patch tokenizer and --predict x0 or edm; 0: none)")
     p.add_argument("--init", default=None, metavar="PATH", help="start a fresh run from these weights: a training checkpoint (RUN/checkpoint), an exported model (RUN/model) or its dit/ folder; the network must have the same shape, except that a refiner the source lacks starts as the identity; a re-run with RUN/checkpoint present resumes from that instead")
     p.add_argument("--change-weight", type=float, default=0.0, help="extra flow-loss weight of latent elements that change from the previous frame (0: plain MSE)")
@@ -91,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--patch-size must be positive")
     if args.refine < 0:
         p.error("--refine must be >= 0 (0: no refiner)")
+    if not (math.isfinite(args.time_scale) and args.time_scale > 0):
+        p.error(f"--time-scale must be a positive number, got {args.time_scale}")
     if args.refine and args.predict == "velocity":
         p.error("--refine corrects a predicted clean frame: it needs --predict x0 or edm")
     if not (math.isfinite(args.change_weight) and args.change_weight >= 0) or not (math.isfinite(args.change_threshold) and args.change_threshold > 0):
@@ -244,7 +248,7 @@ def train(args: argparse.Namespace) -> int:
         shape.update(refine=args.refine, pixel_patch=tok_cfg.patch)
     with usage_errors():
         cfg = dit_config(args.preset, in_channels=tok_cfg.channels, latent_size=tok_cfg.latent_size, num_actions=meta["num_actions"], sink_chunks=args.sink_chunks,
-                         window_chunks=args.window_chunks, prev_frame=args.prev_frame, delta=args.delta, predict=args.predict, **shape)
+                         window_chunks=args.window_chunks, prev_frame=args.prev_frame, delta=args.delta, predict=args.predict, time_scale=args.time_scale, **shape)
     run = Run.start(args, "teacher", Schedule(args.warmup, args.steps, min_ratio=0.1, max_minutes=args.max_minutes), args.export_only)
     d = run.d
     if args.init is not None and not run.has_checkpoint():  # before the latents: a wrong source is refused at once

@@ -113,6 +113,11 @@ class DiTConfig:
     # that predicts x0 or uses EDM's preconditioning.
     refine: int = 0
     pixel_patch: int = 0  # the latents are pixel patches of this side, 3 * p * p channels (the patch tokenizer); 0: unknown
+    # The sinusoidal time embedding reads time_scale * s: its fastest feature turns time_scale radians per unit of
+    # noise level. DiT's 1000 makes the network's derivative in s large, which continuous-time consistency
+    # training (sCM) follows and diverges on; sCM (Lu & Song 2024) conditions on the level itself at a low
+    # scale. A teacher meant for sCM distillation trains with a small one (e.g. 1 to 10); the student inherits it.
+    time_scale: float = 1000.0
 
     def __post_init__(self) -> None:
         self.latent_size = tuple(self.latent_size)
@@ -129,6 +134,8 @@ class DiTConfig:
             raise ValueError(f"predict must be one of {PREDICTIONS}, got {self.predict!r}")
         if not (math.isfinite(self.sigma_data) and self.sigma_data > 0):
             raise ValueError(f"sigma_data must be a positive finite number, got {self.sigma_data}")
+        if not (math.isfinite(self.time_scale) and self.time_scale > 0):
+            raise ValueError(f"time_scale must be a positive finite number, got {self.time_scale}")
         if self.refine < 0 or self.pixel_patch < 0:
             raise ValueError(f"refine and pixel_patch must be >= 0, got {self.refine} and {self.pixel_patch}")
         if self.pixel_patch and self.in_channels != 3 * self.pixel_patch**2:

@@ -37,18 +37,19 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class TimestepEmbedder(nn.Module):
-    """Noise level s in [0, 1] -> sinusoidal features -> MLP."""
+    """Noise level s in [0, 1] -> sinusoidal features of scale * s (frequencies scale down to scale / 10^4
+    radians per unit of s) -> MLP."""
 
-    def __init__(self, dim: int, freq_dim: int = 256) -> None:
+    def __init__(self, dim: int, freq_dim: int = 256, scale: float = 1000.0) -> None:
         super().__init__()
-        self.freq_dim = freq_dim
+        self.freq_dim, self.scale = freq_dim, scale
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
         dtype = torch.promote_types(s.dtype, torch.float32)  # float32 or wider (float64 in gradient checks)
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=s.device, dtype=dtype) / half)
-        args = (s.to(dtype) * 1000.0)[..., None] * freqs  # (..., half)
+        args = (s.to(dtype) * self.scale)[..., None] * freqs  # (..., half)
         emb = torch.cat([args.cos(), args.sin()], dim=-1)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
@@ -167,7 +168,7 @@ class CausalDiT(nn.Module):
         self.cfg = cfg
         D, p = cfg.dim, cfg.patch_size
         self.x_embed = nn.Linear(cfg.in_channels * p * p * (2 if cfg.prev_frame else 1), D)
-        self.t_embed = TimestepEmbedder(D)
+        self.t_embed = TimestepEmbedder(D, scale=cfg.time_scale)
         self.a_embed = nn.Embedding(cfg.num_actions + 1, D)  # row num_actions: null action (guidance)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.depth))
