@@ -144,8 +144,10 @@ def test_evaluate_models_as_a_function(teacher, data):
     clips, actions, rewards, terminated = heldout_clips(data, 1, 5, seed=1)
     assert rewards.dtype == np.float32 and terminated.dtype == bool and rewards.shape == terminated.shape == actions.shape == (1, 5)
     spec = f"{teacher / 'model'}@1"
-    m = evaluate_models([spec, ModelSpec("b", teacher / "model", 2), ModelSpec("noised", teacher / "model", 2, context_noise=0.2)], clips, actions, rewards, terminated, context=2)
-    assert list(m["models"]) == [spec, "b", "noised"] and m["horizons"] == [1, 3] and m["exact_horizons"] == [1, 3]
+    m = evaluate_models([spec, ModelSpec("b", teacher / "model", 2), ModelSpec("noised", teacher / "model", 2, context_noise=0.2),
+                         ModelSpec("guided", teacher / "model", 1, guidance=2.0)], clips, actions, rewards, terminated, context=2)
+    assert list(m["models"]) == [spec, "b", "noised", "guided"] and m["horizons"] == [1, 3] and m["exact_horizons"] == [1, 3]
+    assert m["models"]["guided"]["guidance"] == 2.0 and m["models"]["guided"]["nfe_per_step"] == 3  # 1 step, guided: 2 passes, + the re-cache
     assert [m["models"][n]["context_noise"] for n in (spec, "b", "noised")] == [0.0, 0.0, 0.2]
     assert m["models"]["noised"]["rollout_psnr_mean"] != m["models"]["b"]["rollout_psnr_mean"]  # the level is used
     hold = probe_exact_at(probe_breakout(clips[:, 2:]), probe_breakout(np.repeat(clips[:, 1:2], 3, axis=1)), [1, 3])  # the last context frame held
@@ -178,6 +180,7 @@ def test_bad_input_is_a_clear_error(teacher, data, tmp_path, capsys):
 
     assert "--policy goes with --record-seeds" in usage_error("--data", str(data), "--policy", "random")
     assert "--context-noise must lie in [0, 1)" in usage_error("--data", str(data), "--context-noise", "1")
+    assert "--guidance must be a finite number" in usage_error("--data", str(data), "--guidance", "nan")
     assert "--policy: invalid choice: 'greedy'" in usage_error("--record-seeds", "0", "--policy", "greedy")
     assert "error: every recorded episode ended before" in fails("--model", model, "--record-seeds", "0", "--horizon", "5000")
 

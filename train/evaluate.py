@@ -107,13 +107,14 @@ PARTIAL_LEVELS, PARTIAL_STEPS = (1.0, 0.4, 0.2), 8  # partial denoising: noise l
 @dataclass(frozen=True)
 class ModelSpec:
     """One --model: a world-model folder, its denoising steps (None: the model's own), a label, the
-    precision it runs in and its context-noise level (None: the model's own)."""
+    precision it runs in, its context-noise level and its action guidance scale (None: the model's own)."""
 
     name: str
     path: Path
     steps: int | None = None
     dtype: str = "float32"
     context_noise: float | None = None
+    guidance: float | None = None
 
 
 def parse_spec(text: str) -> ModelSpec:
@@ -157,7 +158,7 @@ def check_specs(specs: Sequence[ModelSpec]) -> dict:
 
 def load_model(spec: ModelSpec, batch: int) -> WorldModel:
     """The spec's world model for `batch` worlds, at its denoising steps; one frame per chunk only."""
-    wm = WorldModel.load(spec.path, steps=spec.steps, batch=batch, dtype=spec.dtype, context_noise=spec.context_noise)
+    wm = WorldModel.load(spec.path, steps=spec.steps, batch=batch, dtype=spec.dtype, context_noise=spec.context_noise, guidance=spec.guidance)
     if wm.frames_per_chunk != 1:
         raise ValueError(f"{spec.name}: evaluate drives one action per step and supports models with one frame per chunk; this one has {wm.frames_per_chunk}")
     return wm
@@ -434,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="denoising steps of models whose SPEC has no @STEPS (default: the model's)")
     p.add_argument("--context-noise", type=float, default=None, metavar="LEVEL", help="commit every chunk to the models' caches noised to LEVEL in [0, 1) "
                    "(GameNGen's context noise at play time, for models trained with --ctx-noise; default: the model's, 0 unless set)")
+    p.add_argument("--guidance", type=float, default=None, metavar="SCALE", help="action guidance scale of every model (1: none; default: the model's)")
     p.add_argument("--videos", type=int, default=2, help="side-by-side videos per model")
     p.add_argument("--seed", type=cli.seed, default=0, help="seeds the clips of --data, the controllability actions and the models' noise")
     args = p.parse_args(argv)
@@ -441,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--episodes, --horizon and --context must be positive, --videos >= 0")
     if args.steps is not None and args.steps < 1:
         p.error("--steps must be >= 1")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        p.error(f"--guidance must be a finite number, got {args.guidance}")
     if args.context_noise is not None and not 0 <= args.context_noise < 1:
         p.error(f"--context-noise must lie in [0, 1), got {args.context_noise}")
     if args.game is not None and args.data is not None:
@@ -449,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--policy goes with --record-seeds (a dataset was played by its own policy)")
     try:
         specs = [parse_spec(s) for s in args.model]
-        specs = [ModelSpec(s.name, s.path, s.steps if s.steps is not None else args.steps, s.dtype, args.context_noise) for s in specs]
+        specs = [ModelSpec(s.name, s.path, s.steps if s.steps is not None else args.steps, s.dtype, args.context_noise, args.guidance) for s in specs]
         info = check_specs(specs)
         length = args.context + args.horizon
         if args.data is not None:
