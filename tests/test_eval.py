@@ -411,6 +411,11 @@ def test_ablation_table_from_evaluations(teacher, tmp_path):
     rows = [line for line in table.splitlines() if line.startswith("| a |") or line.startswith("| b |") or line.startswith("| hold last")]
     steps = json.loads((teacher / "checkpoint" / "state.json").read_text())["step"]
     assert len(rows) == 3 and f"| a | {steps} |" in table  # the training columns come from the model's run
+    head = table.splitlines()[2].split(" | ")
+    assert all(col in head for col in ("sampling", "paddle px @4", "bricks @8", "clutter @8", "reward events / false", "keys")), head
+    b = next(line for line in rows if line.startswith("| b |")).split(" | ")
+    assert len(b) == len(head) and b[head.index("sampling")] == "1 euler"
+    assert "Real game: the paddle moves as the keys ask on" in table
     assert "python -m train.teacher" in table and (tmp_path / "abl" / "ablation.png").stat().st_size > 0
     other = tmp_path / "other"
     other.mkdir()

@@ -64,25 +64,48 @@ def fmt(v, pct: bool = False, nd: int = 2) -> str:
 
 
 def table(rs: list[dict], first: dict) -> str:
-    head = (["row", "train steps", "wall min", "train steps/s"] + [f"ball match @{h}" for h in AT] + [f"ball agree @{h}" for h in AT]
-            + [f"ball px @{h}" for h in AT] + ["paddle px @1", "paddle px @8"] + [f"partial s={s}" for s in ("1", "0.4", "0.2")]
-            + ["1-step PSNR", "PSNR @8", "play steps/s"])
+    """One row per model and one for the last context frame held. The brick and stray-red columns are read at
+    step 1 and at the last exact step of the clips (16 for a 16-step horizon); the reward events are those of
+    the first steps of the clips (`train.evaluate`'s GLANCE_STEPS); "keys" is how often the paddle moves as
+    the LEFT/RIGHT actions ask (the real game's figure is under the table)."""
+    last = str(max(first["exact_horizons"]))
+    head = (["row", "train steps", "wall min", "train steps/s", "sampling"] + [f"ball match @{h}" for h in AT] + [f"ball agree @{h}" for h in AT]
+            + [f"ball px @{h}" for h in AT] + [f"paddle px @{h}" for h in AT] + [f"bricks @{last}", "clutter @1", f"clutter @{last}"]
+            + [f"partial s={s}" for s in ("1", "0.4", "0.2")] + ["reward events / false", "keys", "1-step PSNR", "PSNR @8", "play steps/s"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rs:
         m, at = r["m"], r["m"]["probe_exact_at"]
         pd = m.get("partial_denoise_ball") or {}
-        cells = [r["name"], fmt(r["steps"], nd=0), fmt(r["wall_min"], nd=1), fmt(r["steps_per_s"])]
+        ev = m.get("reward_events_rollout") or {}
+        cells = [r["name"], fmt(r["steps"], nd=0), fmt(r["wall_min"], nd=1), fmt(r["steps_per_s"]), sampling(m)]
         cells += [fmt(at[str(h)]["ball_match"], pct=True) for h in AT] + [fmt(at[str(h)]["ball_agree"], pct=True) for h in AT]
-        cells += [fmt(at[str(h)]["ball_dist"]) for h in AT] + [fmt(at["1"]["paddle_abs_err"]), fmt(at["8"]["paddle_abs_err"])]
+        cells += [fmt(at[str(h)]["ball_dist"]) for h in AT] + [fmt(at[str(h)]["paddle_abs_err"]) for h in AT]
+        cells += [fmt(at[last]["bricks_abs_err"]), fmt(at["1"].get("clutter"), nd=1), fmt(at[last].get("clutter"), nd=1)]
         cells += [fmt(pd.get(s, {}).get("survival"), pct=True) for s in ("1.0", "0.4", "0.2")]
+        cells += [f"{round(ev['reproduced'] * ev['real_events'])} of {ev['real_events']} / {ev['false_events']}" if ev.get("real_events") else "-"]
+        cells += [fmt(m["controllability"].get("paddle_response_real_actions"), pct=True)]
         cells += [fmt(m["one_step_psnr"]), fmt(m["rollout_psnr_at"]["8"]["rollout_psnr"]), fmt(m["single_world_steps_per_s"], nd=1)]
         lines.append("| " + " | ".join(cells) + " |")
     hold = first["hold_last"]["probe_exact_at"]
-    cells = ["hold last frame", "-", "-", "-"] + [fmt(hold[str(h)]["ball_match"], pct=True) for h in AT] + [fmt(hold[str(h)]["ball_agree"], pct=True) for h in AT]
-    cells += [fmt(hold[str(h)]["ball_dist"]) for h in AT] + [fmt(hold["1"]["paddle_abs_err"]), fmt(hold["8"]["paddle_abs_err"])] + ["-"] * 3
+    cells = ["hold last frame", "-", "-", "-", "-"] + [fmt(hold[str(h)]["ball_match"], pct=True) for h in AT] + [fmt(hold[str(h)]["ball_agree"], pct=True) for h in AT]
+    cells += [fmt(hold[str(h)]["ball_dist"]) for h in AT] + [fmt(hold[str(h)]["paddle_abs_err"]) for h in AT]
+    cells += [fmt(hold[last]["bricks_abs_err"]), fmt(hold["1"].get("clutter"), nd=1), fmt(hold[last].get("clutter"), nd=1)] + ["-"] * 5
     cells += [fmt(first["one_step_copy_last_psnr"]), fmt(first["hold_last"]["at"]["8"]["psnr"]), "-"]
     lines.append("| " + " | ".join(cells) + " |")
+    real = first.get("real") or {}
+    if real.get("paddle_response_real_actions") is not None:
+        lines += ["", f"Real game: the paddle moves as the keys ask on {fmt(real['paddle_response_real_actions'], pct=True)} of the LEFT/RIGHT steps of these clips."]
     return "\n".join(lines)
+
+
+def sampling(m: dict) -> str:
+    """A model's sampling settings in one cell: denoising steps and solver, plus guidance and context noise when set."""
+    parts = [f"{m['denoising_steps']} {m['solver']}"]
+    if m.get("guidance", 1.0) != 1.0:
+        parts.append(f"guidance {m['guidance']:g}")
+    if m.get("context_noise"):
+        parts.append(f"context noise {m['context_noise']:g}")
+    return ", ".join(parts)
 
 
 def plot(rs: list[dict], first: dict, path: Path) -> None:
