@@ -16,10 +16,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from train.objectives import consistency_grid, critic_loss, dcm_loss, dmd_loss, scm_loss
+from train.objectives import consistency_grid, critic_loss, dcm_loss, dmd_loss, ode_loss, ode_pairs, scm_loss
 from worldmodel.attention import attention_backend
 from worldmodel.config import dit_config
 from worldmodel.dit import CausalDiT
+from worldmodel.flow import sampling_levels
 
 
 class GaussianMixture:
@@ -125,6 +126,48 @@ def test_consistency_distillation_makes_one_step_match_the_teacher_ode(variant):
         naive = float(((ode_sample(teacher, eps_test, 1) - ode) ** 2).sum(-1).mean())  # the teacher at 1 step
     # the distilled 1-step map lands far closer to the teacher's ODE than the teacher's own 1 step, or the start
     assert after < 0.2 * naive and after < 0.3 * before, (variant, before, after, naive)
+
+
+def test_ode_initialisation_learns_the_teacher_ode_map():
+    """Causal Forcing's ODE initialisation on the toy: pairs (noise, where the teacher's ODE takes it) and the
+    ODE's point at the student's second level; the 2-step student regresses onto the ODE's end from both."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    student = VelocityMLP()
+    pretrain_flow(student, 300, g)
+    teacher = MIXTURE.velocity
+    keep = [1.0, 0.5]
+    with torch.no_grad():
+        points, x0_ode = ode_pairs(teacher, torch.randn(8192, 1, 2, generator=g), sampling_levels(100), keep)
+    eps_test = torch.randn(2048, 1, 2, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ode = ode_sample(teacher, eps_test, 200)
+        torch.testing.assert_close(x0_ode[:4], ode_sample(teacher, points[0, :4], 100), atol=1e-4, rtol=1e-4)  # the pairs are the ODE's
+
+    @torch.no_grad()
+    def one_step_error() -> float:
+        x0 = eps_test - student(eps_test, torch.ones(2048, 1))
+        return float(((x0 - ode) ** 2).sum(-1).mean())
+
+    before = one_step_error()
+    opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+    for _ in range(1000):
+        i = torch.randint(0, 8192, (512,), generator=g)
+        k = torch.randint(0, 2, (512, 1), generator=g)
+        x_s = points[k[:, 0], i]
+        loss, parts = ode_loss(student, x_s, torch.tensor(keep)[k], x0_ode[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = one_step_error()
+    with torch.no_grad():
+        naive = float(((ode_sample(teacher, eps_test, 1) - ode) ** 2).sum(-1).mean())
+        mid = points[1, :2048]
+        second = float(((mid - 0.5 * student(mid, torch.full((2048, 1), 0.5)) - x0_ode[:2048]) ** 2).sum(-1).mean())
+    assert after < 0.2 * naive and after < 0.3 * before, (before, after, naive)
+    assert second < 0.2 * naive and "loss/ode" in parts
+    with pytest.raises(ValueError, match="not points of the ODE"):
+        ode_pairs(teacher, eps_test, sampling_levels(4), [0.6])
 
 
 def energy_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -248,7 +291,7 @@ def test_low_time_scale_keeps_the_level_derivative_small():
             out, tangent = torch.func.jvp(lambda s_: model.forward_pack(clean, x, torch.zeros_like(s_), s_, a)[0], (s,), (torch.ones_like(s),))
         return out, float(tangent.abs().max())
 
-    (out_fast, fast_d), (out_slow, slow_d) = d_ds(fast), d_ds(slow)
+    (_, fast_d), (out_slow, slow_d) = d_ds(fast), d_ds(slow)
     assert slow_d * 50 < fast_d and slow_d > 0
     with torch.no_grad():
         other = slow.forward_pack(clean, x, torch.zeros_like(s), s * 0.5, a)[0]

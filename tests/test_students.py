@@ -43,6 +43,20 @@ def test_dcm_trains_logs_exports_and_resumes(dcm_student, teacher, data):
     assert [r["step"] for r in read_log(dcm_student) if "loss/dcm" in r] == [1, 2, 3]
 
 
+def test_ode_initialisation_trains_and_exports(teacher, data, tmp_path):
+    """Causal Forcing's ODE initialisation (--variant ode), a 2-step student on a 3-step teacher ODE (the
+    student's level 0.5 joins the teacher's grid)."""
+    out = tmp_path / "ode"
+    run("-m", "train.consistency", *stage_args(teacher, data, out), "--variant", "ode", "--ode-steps", "3", "--steps", "2", "--guidance", "1.5", *CM)
+    log = read_log(out)
+    assert [r["step"] for r in log if "loss/ode" in r] == [1, 2] and all(np.isfinite(r["loss/ode"]) for r in log if "loss/ode" in r)
+    info = json.loads((out / "model" / "config.json").read_text())
+    assert info["trained"]["stage"] == "consistency-ode" and info["sampling"]["solver"] == "consistency"
+    assert "causal ODE initialisation" in (out / "model" / "README.md").read_text()
+    p = run("-m", "train.consistency", *stage_args(teacher, data, tmp_path / "bad"), "--variant", "ode", "--ode-steps", "0", ok=False)
+    assert p.returncode == 2 and "--ode-steps must be >= 1" in p.stderr
+
+
 def test_scm_single_process_and_torchrun(teacher, data, tmp_path):
     run("-m", "train.consistency", *stage_args(teacher, data, tmp_path / "one"), "--variant", "scm", "--steps", "2", "--tangent-warmup", "1", *CM)
     log = read_log(tmp_path / "one")

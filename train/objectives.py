@@ -9,6 +9,9 @@ Stage 3, consistency distillation with the consistency function f(x, s) = x - s 
 by construction, so no boundary skip is needed):
 - `dcm_loss`, discrete time: the teacher takes one Euler step from s_k to s_{k-1} on a grid; the target is
   the student's own (stop-gradient) f at the earlier point.
+- `ode_pairs` and `ode_loss`, Causal Forcing's causal ODE initialisation: the teacher (autoregressive,
+  under teacher forcing) solves its probability-flow ODE from noise; the student, at the points of that
+  trajectory at its own sampling levels, regresses its clean prediction onto the ODE's end.
 - `scm_loss`, continuous time: the limit of the same loss. Its gradient is that of
   ||F - sg(F + df/ds)||^2 / 2 with df/ds = dx/ds - F - s dF/ds along the teacher's ODE dx/ds = v_teacher, so
   dF/ds is a Jacobian-vector product with tangents (v_teacher, 1) (`torch.func.jvp`, forward mode). The
@@ -72,6 +75,31 @@ def dcm_loss(student: VelocityFn, target: VelocityFn, teacher: VelocityFn, x0: t
     per_frame = frame_mean((f - f_target) ** 2) / (s - s_prev)
     loss = masked_mean(per_frame, mask)
     return loss, {"loss/dcm": loss.item()}
+
+
+def ode_pairs(teacher: VelocityFn, eps: torch.Tensor, levels: list[float], keep: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euler along the teacher's probability-flow ODE from x = eps at levels[0] = 1 down the decreasing
+    `levels` to 0. Returns the trajectory's points at the levels in `keep` (each one of `levels`, above 0),
+    stacked (K, B, T, ...), and where it ends, the ODE's clean sample (B, T, ...). Run without gradient."""
+    if levels[0] != 1 or levels[-1] != 0 or any(a <= b for a, b in zip(levels, levels[1:])):
+        raise ValueError(f"the ODE runs on levels decreasing from 1 to 0, got {levels}")
+    missing = [s for s in keep if s not in levels or s == 0]
+    if missing:
+        raise ValueError(f"the levels to keep {missing} are not points of the ODE's levels above 0 {levels}")
+    x, points = eps, {}
+    for s, s_next in zip(levels[:-1], levels[1:]):
+        if s in keep:
+            points[s] = x
+        x = x + (s_next - s) * teacher(x, torch.full(x.shape[:2], s, device=x.device)).float()
+    return torch.stack([points[s] for s in keep]), x
+
+
+def ode_loss(student: VelocityFn, x_s: torch.Tensor, s: torch.Tensor, x0_ode: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The student's clean prediction at points x_s (B, T, ...) of the teacher's ODE, levels s (B, T), against
+    that ODE's end x0_ode: per-frame mean squared error."""
+    f = x0_from_velocity(x_s, student(x_s, s).float(), s)
+    loss = masked_mean(frame_mean((f - x0_ode) ** 2), mask)
+    return loss, {"loss/ode": loss.item()}
 
 
 def scm_loss(student: VelocityFn, teacher: VelocityFn, x0: torch.Tensor, eps: torch.Tensor, s: torch.Tensor, warmup: float, mask: torch.Tensor | None = None, norm_const: float = 0.1) -> tuple[torch.Tensor, dict[str, float]]:

@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--game", default="Breakout", help="ALE game name or Gymnasium id (see train.collect)")
     p.add_argument("--out", required=True, help="run folder holding every stage's output")
     p.add_argument("--preset", default=None, choices=sorted(DIT_PRESETS), help="DiT size (teacher and students); default small, tiny with --tiny")
-    p.add_argument("--variant", default="scm", choices=["dcm", "scm"], help="stage-3 consistency variant")
+    p.add_argument("--variant", default="scm", choices=["dcm", "scm", "ode"], help="stage-3 variant: consistency (dcm, scm) or the causal ODE initialisation (ode)")
     p.add_argument("--nproc", type=int, default=1, help="processes per stage 1-4 (torchrun when > 1)")
     p.add_argument("--stages", default="0-4", help="which stages to run: a range 'A-B' or a comma list '2,3'")
     p.add_argument("--redo", action="append", default=[], choices=STAGES, help="run this stage even if its output exists")
