@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from train.objectives import consistency_grid, critic_loss, dcm_loss, dmd_loss, ode_loss, ode_pairs, scm_loss
+from train.objectives import at_levels, consistency_grid, critic_loss, dcm_loss, dmd_loss, ode_levels, ode_loss, ode_pairs, scm_loss
 from worldmodel.attention import attention_backend
 from worldmodel.config import dit_config
 from worldmodel.dit import CausalDiT
@@ -137,12 +137,17 @@ def test_ode_initialisation_learns_the_teacher_ode_map():
     pretrain_flow(student, 300, g)
     teacher = MIXTURE.velocity
     keep = [1.0, 0.5]
-    with torch.no_grad():
-        points, x0_ode = ode_pairs(teacher, torch.randn(8192, 1, 2, generator=g), sampling_levels(100), keep)
+    eps_pairs = torch.randn(8192, 1, 2, generator=g)
+    points, x0_ode = ode_pairs(teacher, eps_pairs, sampling_levels(100), keep)
     eps_test = torch.randn(2048, 1, 2, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         ode = ode_sample(teacher, eps_test, 200)
-        torch.testing.assert_close(x0_ode[:4], ode_sample(teacher, points[0, :4], 100), atol=1e-4, rtol=1e-4)  # the pairs are the ODE's
+        assert torch.equal(points[0], eps_pairs)  # the trajectory starts at the noise,
+        x = eps_pairs[:4]
+        for i in range(50):  # passes 0.5 after 50 of its 100 steps,
+            x = x - 0.01 * teacher(x, torch.full((4, 1), 1 - 0.01 * i))
+        torch.testing.assert_close(points[1, :4], x, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(x0_ode[:4], ode_sample(teacher, points[0, :4], 100), atol=1e-4, rtol=1e-4)  # and ends where the ODE does
 
     @torch.no_grad()
     def one_step_error() -> float:
@@ -168,6 +173,25 @@ def test_ode_initialisation_learns_the_teacher_ode_map():
     assert second < 0.2 * naive and "loss/ode" in parts
     with pytest.raises(ValueError, match="not points of the ODE"):
         ode_pairs(teacher, eps_test, sampling_levels(4), [0.6])
+
+
+def test_ode_levels_and_the_gather_of_trajectory_points():
+    """ode_levels joins the student's levels to the teacher's grid without near-duplicates; at_levels gives
+    every frame the trajectory point of its own level (one level per chunk of 2 frames here)."""
+    levels, keep = ode_levels(16, 4)
+    assert keep == [1.0, 0.75, 0.5, 0.25] and levels == sampling_levels(16)  # already grid points
+    levels, keep = ode_levels(16, 3)
+    assert len(levels) == 17 + 2 and all(s in levels for s in keep) and all(a > b for a, b in zip(levels, levels[1:]))
+    for ode_steps, student_steps in ((15, 3), (30, 3), (35, 5), (98, 2)):  # grids whose levels differ from the student's by ~1e-16
+        levels, keep = ode_levels(ode_steps, student_steps)
+        assert len(levels) == ode_steps + 1 and all(s in levels for s in keep), (ode_steps, student_steps)
+    g = torch.Generator().manual_seed(0)
+    points = torch.randn(4, 3, 6, 2, 5, generator=g)  # (K, B, T, ...)
+    k = torch.randint(0, 4, (3, 3), generator=g).repeat_interleave(2, 1)  # (B, T): chunks of 2 frames share a level
+    got = at_levels(points, k)
+    for b in range(3):
+        for t in range(6):
+            assert torch.equal(got[b, t], points[k[b, t], b, t])
 
 
 def energy_distance(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -47,14 +47,28 @@ def test_ode_initialisation_trains_and_exports(teacher, data, tmp_path):
     """Causal Forcing's ODE initialisation (--variant ode), a 2-step student on a 3-step teacher ODE (the
     student's level 0.5 joins the teacher's grid)."""
     out = tmp_path / "ode"
-    run("-m", "train.consistency", *stage_args(teacher, data, out), "--variant", "ode", "--ode-steps", "3", "--steps", "2", "--guidance", "1.5", *CM)
+    run("-m", "train.consistency", *stage_args(teacher, data, out), "--variant", "ode", "--ode-steps", "3", "--student-steps", "2", "--steps", "2", "--guidance", "1.5", *CM)
     log = read_log(out)
     assert [r["step"] for r in log if "loss/ode" in r] == [1, 2] and all(np.isfinite(r["loss/ode"]) for r in log if "loss/ode" in r)
     info = json.loads((out / "model" / "config.json").read_text())
     assert info["trained"]["stage"] == "consistency-ode" and info["sampling"]["solver"] == "consistency"
     assert "causal ODE initialisation" in (out / "model" / "README.md").read_text()
     p = run("-m", "train.consistency", *stage_args(teacher, data, tmp_path / "bad"), "--variant", "ode", "--ode-steps", "0", ok=False)
-    assert p.returncode == 2 and "--ode-steps must be >= 1" in p.stderr
+    assert p.returncode == 2 and "--ode-steps and --student-steps must be >= 1" in p.stderr
+
+
+def test_export_only_of_a_checkpoint_older_than_the_ode_variant(dcm_student, teacher, data, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(dcm_student / "checkpoint", old / "checkpoint")
+    state = json.loads((old / "checkpoint" / "state.json").read_text())
+    for key in ("ode_steps", "student_steps"):  # a checkpoint saved before these flags existed
+        state["args"].pop(key)
+    (old / "checkpoint" / "state.json").write_text(json.dumps(state))
+    p = run("-m", "train.consistency", *stage_args(teacher, data, old), "--variant", "dcm", "--export-only", *CM, ok=False)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "consistency distillation, dcm" in (old / "model" / "README.md").read_text()
 
 
 def test_scm_single_process_and_torchrun(teacher, data, tmp_path):

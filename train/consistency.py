@@ -14,9 +14,10 @@ sees the real chunks before it, exactly as in stage 2):
   term warmed up over `--tangent-warmup` steps.
 - `--variant ode` (Causal Forcing's causal ODE initialisation, a DMD initialisation rather than a consistency
   model): the teacher solves its probability-flow ODE from fresh noise in `--ode-steps` Euler steps (with
-  action guidance), under teacher forcing, so each frame's solution is the autoregressive teacher's given
-  the real frames before it; the student, at the trajectory's point at one of its own sampling levels
-  (`--sample-steps`), regresses its clean prediction onto the ODE's end.
+  action guidance; the student's levels joined to its grid), under teacher forcing, so each frame's solution
+  is the autoregressive teacher's given the real frames before it; the student, at the trajectory's point at
+  one of its denoising levels (`--student-steps`, which should be stage 4's `--train-steps`: 1, 3/4, 1/2, 1/4
+  for 4), regresses its clean prediction onto the ODE's end.
 The reward/end heads keep learning from real labels. Quick held-out metrics (1- and 2-step teacher-forced
 PSNR, distance to the teacher's own 8-step ODE) are logged every `--eval-every` steps for the
 quality-against-steps curves. The exported student samples with the consistency solver.
@@ -31,20 +32,22 @@ import torch
 
 from train.common import ema_update
 from train.latents import windows
-from train.objectives import consistency_grid, dcm_loss, head_loss, ode_loss, ode_pairs, scm_loss
+from train.objectives import at_levels, consistency_grid, dcm_loss, head_loss, ode_levels, ode_loss, ode_pairs, scm_loss
 from train.skeleton import UsageError, hardware, model_card, stage_main
 from train.student import Distill, add_common_args, check_common_args, pack_velocity, psnr_latent_decoded, start, tf_sample
 from worldmodel import cli
 from worldmodel.attention import attention_backend
 from worldmodel.dit import CausalDiT
-from worldmodel.flow import add_noise, sampling_levels
+from worldmodel.flow import add_noise
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m train.consistency", description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
     add_common_args(p, steps=1000, lr=5e-5, batch=8)
     p.add_argument("--variant", choices=["dcm", "scm", "ode"], default="scm")
-    p.add_argument("--ode-steps", type=int, default=16, help="ode: the teacher's Euler steps from noise to the clean frame (the student's levels are added to its grid)")
+    p.add_argument("--ode-steps", type=int, default=16, help="ode: the teacher's uniform Euler steps from noise to the clean frame (the student's levels are joined to its grid)")
+    p.add_argument("--student-steps", type=int, default=4, help="ode: the student's denoising list the regression trains at (its levels above 0); "
+                   "match stage 4's --train-steps (default 4), which DMD then rolls out with")
     p.add_argument("--grid", type=int, default=48, help="dCM: intervals of the discrete time grid")
     p.add_argument("--tangent-warmup", type=int, default=200, help="sCM: steps over which the JVP term ramps from 0 to 1")
     p.add_argument("--min-level", type=float, default=0.02, help="sCM: smallest noise level trained")
@@ -54,8 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_common_args(p, args)
     if args.grid < 2 or not 0 < args.min_level < 1 or not 0 <= args.ctx_noise < 1:
         p.error("--grid must be >= 2, --min-level in (0, 1), --ctx-noise in [0, 1)")
-    if args.ode_steps < 1:
-        p.error("--ode-steps must be >= 1")
+    if args.ode_steps < 1 or args.student_steps < 1:
+        p.error("--ode-steps and --student-steps must be >= 1")
     if args.tangent_warmup < 0:
         p.error("--tangent-warmup must be >= 0 (0: no warm-up)")
     return args
@@ -79,13 +82,10 @@ def cm_loss(student: CausalDiT, teacher: CausalDiT, batch: dict[str, torch.Tenso
         k = torch.randint(1, args.grid + 1, (B, n), generator=g).repeat_interleave(Fc, 1).to(dev)
         loss, parts = dcm_loss(f_student, pack_velocity(student, clean, s_ctx, a), f_teacher, x0, eps, k, grid)
     elif args.variant == "ode":
-        keep = sampling_levels(args.sample_steps)[:-1]  # where the exported student starts each of its steps
-        levels = sorted(set(sampling_levels(args.ode_steps)) | set(keep), reverse=True)
-        with torch.no_grad():
-            points, x0_ode = ode_pairs(f_teacher, eps, levels, keep)  # (K, B, T, ...), (B, T, ...)
-        k = torch.randint(0, len(keep), (B, n), generator=g).repeat_interleave(Fc, 1).to(dev)
-        x_s = points.movedim(0, 2)[torch.arange(B, device=dev)[:, None], torch.arange(T, device=dev)[None], k]  # each frame at its level
-        loss, parts = ode_loss(f_student, x_s, torch.tensor(keep, device=dev)[k], x0_ode)
+        levels, keep = ode_levels(args.ode_steps, args.student_steps)
+        points, x0_ode = ode_pairs(f_teacher, eps, levels, keep)  # (K, B, T, ...), (B, T, ...), no gradient
+        k = torch.randint(0, len(keep), (B, n), generator=g).repeat_interleave(Fc, 1).to(dev)  # one level per chunk
+        loss, parts = ode_loss(f_student, at_levels(points, k), torch.tensor(keep, device=dev)[k], x0_ode)
     else:
         s = (torch.rand(B, n, generator=g) * (1 - args.min_level) + args.min_level).repeat_interleave(Fc, 1).to(dev)
         warm = min(1.0, step / args.tangent_warmup) if args.tangent_warmup else 1.0
@@ -149,9 +149,15 @@ def quick_metrics(setup: Distill, ema: CausalDiT, args: argparse.Namespace):
 
 
 def card(args: argparse.Namespace, meta: dict, step: int, wall: float, d, teacher_dir) -> str:
-    method = {"dcm": f"discrete-time CM on a {args.grid}-interval grid", "scm": f"continuous-time sCM (forward-mode JVP), tangent warm-up {args.tangent_warmup} steps",
-              "ode": f"causal ODE initialisation (Causal Forcing): regression onto the teacher's {args.ode_steps}-step probability-flow ODE under teacher forcing"}[args.variant]
-    return model_card(f"{meta['game']} (student, teacher-forcing consistency distillation, {args.variant})", [
+    if args.variant == "dcm":
+        method, kind = f"discrete-time CM on a {args.grid}-interval grid", "teacher-forcing consistency distillation, dcm"
+    elif args.variant == "scm":
+        method, kind = f"continuous-time sCM (forward-mode JVP), tangent warm-up {args.tangent_warmup} steps", "teacher-forcing consistency distillation, scm"
+    else:
+        method = (f"causal ODE initialisation (Causal Forcing): regression at the levels of {args.student_steps} denoising steps onto the teacher's "
+                  f"{args.ode_steps}-step probability-flow ODE under teacher forcing")
+        kind = "causal ODE initialisation"
+    return model_card(f"{meta['game']} (student, {kind})", [
         f"Stage 3: {method}, teacher guidance {args.guidance}",
         f"Teacher: `{teacher_dir}`; data: real {meta['game']} play recorded by `train.collect`",
         f"Optimizer steps: {step}, batch {args.batch_size} windows of {args.frames} frames, lr {args.lr}",

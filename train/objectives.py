@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from worldmodel.dit import Heads
-from worldmodel.flow import add_noise, expand, x0_from_velocity
+from worldmodel.flow import add_noise, expand, sampling_levels, x0_from_velocity
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -77,10 +77,26 @@ def dcm_loss(student: VelocityFn, target: VelocityFn, teacher: VelocityFn, x0: t
     return loss, {"loss/dcm": loss.item()}
 
 
+def ode_levels(ode_steps: int, student_steps: int) -> tuple[list[float], list[float]]:
+    """The teacher's ODE grid (`ode_steps` uniform Euler steps from 1 to 0, the student's levels joined in) and
+    the student's levels above 0 (`student_steps` steps), each of them a point of that grid: a student level
+    within 1e-9 of a grid level is that level, so no near-duplicate step is taken."""
+    grid = sampling_levels(ode_steps)
+    keep = [next((g for g in grid if abs(g - s) < 1e-9), s) for s in sampling_levels(student_steps)[:-1]]
+    return sorted(set(grid) | set(keep), reverse=True), keep
+
+
+def at_levels(points: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Points (K, B, T, ...) of a trajectory and an index k (B, T) into K -> each frame's point (B, T, ...)."""
+    K, B, T = points.shape[:3]
+    return points.movedim(0, 2)[torch.arange(B, device=k.device)[:, None], torch.arange(T, device=k.device)[None], k]
+
+
+@torch.no_grad()
 def ode_pairs(teacher: VelocityFn, eps: torch.Tensor, levels: list[float], keep: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """Euler along the teacher's probability-flow ODE from x = eps at levels[0] = 1 down the decreasing
-    `levels` to 0. Returns the trajectory's points at the levels in `keep` (each one of `levels`, above 0),
-    stacked (K, B, T, ...), and where it ends, the ODE's clean sample (B, T, ...). Run without gradient."""
+    `levels` to 0, without gradient. Returns the trajectory's points at the levels in `keep` (each one of
+    `levels`, above 0), stacked (K, B, T, ...), and where it ends, the ODE's clean sample (B, T, ...)."""
     if levels[0] != 1 or levels[-1] != 0 or any(a <= b for a, b in zip(levels, levels[1:])):
         raise ValueError(f"the ODE runs on levels decreasing from 1 to 0, got {levels}")
     missing = [s for s in keep if s not in levels or s == 0]
