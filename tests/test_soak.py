@@ -151,3 +151,33 @@ def test_bad_input_cli_no_traceback(model, tmp_path):
     assert f"no model folder at {str(tmp_path / 'missing')!r}" in p.stderr
     p = run("-m", "bench.soak", "--model", str(model), "--start", "99", "--out", str(tmp_path / "x.json"), ok=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr and "must be in 0.." in p.stderr
+
+
+def test_rates_model_against_the_real_game(model, tmp_path, capsys):
+    """bench.rates: the real side is a fixed function of the seed and pays rewards and ends under random
+    play; the model side counts exactly the steps played, its autoreset steps left out; ratios stay null
+    where the real game has no event."""
+    from bench.rates import compare, main as rates_main, play_model, play_real
+
+    real = play_real("Breakout", 4, 2, 300, 0)
+    again = play_real("Breakout", 4, 2, 300, 0)
+    assert {k: v for k, v in real.items() if k != "wall_s"} == {k: v for k, v in again.items() if k != "wall_s"}
+    assert real["steps"] == 600 and real["reward_events"] >= 1 and real["episode_ends"] >= 1
+    assert real["reward_events_per_1k"] == pytest.approx(1000 * real["reward_events"] / 600)
+    ends_always = play_model(model, 2, 15, 0, end_threshold=1e-9, denoise_steps=1)  # every played step ends: each is followed by a reset step
+    assert ends_always["steps"] == 30 and ends_always["episode_ends"] == 30
+    never = play_model(model, 2, 15, 0, end_threshold=1.0, denoise_steps=1)
+    assert never["steps"] == 30 and never["episode_ends"] == 0
+    c = compare(never, {**real, "reward_events_per_1k": 0.0}, 2.0)
+    assert c["reward_events"] == {"ratio": None, "within_factor": None} and c["episode_ends"]["ratio"] == 0.0 and c["episode_ends"]["within_factor"] is False
+
+    out = tmp_path / "rates.json"
+    assert rates_main(["--model", str(model), "--worlds", "2", "--steps", "10", "--denoise-steps", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["model"]["steps"] == report["real"]["steps"] == 20 and set(report["ratio"]) == {"reward_events", "reward_sum", "episode_ends"}
+    assert "model/real episode ends" in capsys.readouterr().out
+    for bad, says in ((["--worlds", "0"], "--worlds and --steps must be >= 1"), (["--factor", "0.5"], "--factor must be a number >= 1"),
+                      (["--model", str(tmp_path / "nowhere")], "--model")):
+        with pytest.raises(SystemExit) as e:
+            rates_main(["--model", str(model), *bad] if bad[0] != "--model" else bad)
+        assert e.value.code == 2 and says in capsys.readouterr().err
