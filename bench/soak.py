@@ -3,10 +3,12 @@
     python -m bench.soak                                    # 10,000 steps on the shipped model
     python -m bench.soak --steps 300 --every 100 --out /tmp/soak.json
     python -m bench.soak --model student=assets/breakout --model teacher=assets/breakout_teacher --plot soak.png
+    python -m bench.soak --policy serve --real-game          # a player that serves, against the real game under it
 
 For each `--model` (NAME=PATH, or a plain PATH named after its folder), one after the other: load the model,
 start one world from the real start context `--start` of its start_frames.npz (noise seeded `--seed`), then
-take `--steps` steps under a seeded persistent random policy without ever resetting. The model's own episode
+take `--steps` steps under a seeded persistent random policy (`--policy serve`: the same, plus FIRE once no
+ball has been seen for 8 steps, `envs.policies.Serving`) without ever resetting. The model's own episode
 ends (end_prob > 0.5) are counted but ignored: the point is the cache and the frames over a long run.
 
 Every frame is read by the game's state probe (envs.probe) and folded into per-interval aggregates (nothing
@@ -27,7 +29,10 @@ The summary per model: RSS at step 1000 and at the end and their difference, the
 over every step against its bound, whether the cache bytes stayed constant, the first row (its step) whose
 interval layout-ok rate fell below 0.5 (null if none), the rates over the whole run, the end_prob > 0.5
 count, wall time and steps/s. The same probe rates on all frames of the model's real start contexts are the
-reference row "real (start frames)". Prints a table per model and a comparison table, writes JSON
+reference row "real (start frames)". With `--real-game`, the real game is played by the same policy and seed
+for as many steps (reset at each episode end, which the model never is) and its rates are the row "real
+game, same policy"; the summary gives the model's paddle and ball rates as shares of it
+(`paddle_rate_vs_real_game`, `ball_rate_vs_real_game`). Prints a table per model and a comparison table, writes JSON
 (`--out`) and, with `--plot`, a 2x2 figure (RSS, layout-ok rate, paddle-found rate, flicker over steps).
 """
 from __future__ import annotations
@@ -131,19 +136,64 @@ def real_reference(probe, frames: np.ndarray, collapse_std: float) -> dict[str, 
     return agg.result()
 
 
+POLICIES = ("random", "serve")
+
+
+def make_policy(kind: str, num_actions: int, seed: int, probe) -> Any:
+    """The soak's player: "random", the data's persistent random policy; "serve", the same that also FIREs
+    once no ball has been seen for a while (`envs.policies.Serving`)."""
+    from envs.breakout import FIRE
+    from envs.policies import PersistentRandom, Serving
+
+    if kind not in POLICIES:
+        raise ValueError(f"unknown soak policy {kind!r}; choose one of {POLICIES}")
+    inner = PersistentRandom(num_actions, np.random.default_rng(seed))
+    return inner if kind == "random" else Serving(inner, probe, fire=FIRE)
+
+
+def real_game_reference(game: str, frameskip: int, size: tuple[int, int], steps: int, seed: int, kind: str, probe,
+                        collapse_std: float) -> dict[str, Any]:
+    """The probe rates of the real game played by the same policy (seed, kind) for as many steps, on frames
+    preprocessed as the data's; the game is reset at each episode end (counted), as the model never is."""
+    from envs.games import game_frame, make_game, preprocess_frame
+
+    env = make_game(game, frameskip=frameskip)
+    policy = make_policy(kind, int(env.action_space.n), seed, probe)
+    obs, _ = env.reset(seed=seed)
+    frame = preprocess_frame(game_frame(env, obs), size)
+    agg, buffer, prev, episodes = Aggregate(collapse_std), [], None, 0
+    t0 = time.perf_counter()
+    for step in range(steps):
+        obs, _, terminated, truncated, _ = env.step(policy(frame, None))
+        frame = preprocess_frame(game_frame(env, obs), size)
+        buffer.append(frame)
+        if terminated or truncated:
+            episodes += 1
+            obs, _ = env.reset()
+            policy.reset()
+            frame = preprocess_frame(game_frame(env, obs), size)
+        if len(buffer) >= PROBE_BATCH or step == steps - 1:
+            chunk = np.stack(buffer)
+            agg.add(frame_stats(probe, chunk, prev))
+            prev, buffer = chunk[-1], []
+    env.close()
+    return {**agg.result(), "steps": steps, "episodes_ended": episodes, "policy": policy.description, "wall_s": time.perf_counter() - t0}
+
+
 def report_steps(steps: int, every: int) -> list[int]:
     return sorted({*range(every, steps + 1, every), *([REPORT_STEP] if steps >= REPORT_STEP else []), steps})
 
 
 # ----- the soak -----
 def soak(model_path: str | os.PathLike, steps: int, every: int, start: int, seed: int, denoise_steps: int | None = None,
-         on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+         on_row: Callable[[dict[str, Any]], None] | None = None, policy_kind: str = "random", real_game: bool = False) -> dict[str, Any]:
     """Play one world of the model at `model_path` for `steps` steps from start context `start` without
-    resetting; a row every `every` steps (and at step 1000 and the last step). `on_row(row)` is called as each
-    row is made. Returns {config, cache, real, rows, summary} (see the module docstring)."""
+    resetting, under `policy_kind` ("random" or "serve"); a row every `every` steps (and at step 1000 and the
+    last step). `on_row(row)` is called as each row is made. With `real_game`, the real game is played by the
+    same policy for as many steps too ("real_game"). Returns {config, cache, real, rows, summary} (see the
+    module docstring)."""
     import torch
 
-    from envs.policies import PersistentRandom
     from envs.probe import probe_for
     from worldmodel.runtime import WorldModel, load_start_frames
 
@@ -169,7 +219,7 @@ def soak(model_path: str | os.PathLike, steps: int, every: int, start: int, seed
 
     cache, F = wm.cache, wm.frames_per_chunk
     bound = (cache.S + cache.W + 1) * F - 1
-    policy = PersistentRandom(wm.num_actions, np.random.default_rng(seed))
+    policy = make_policy(policy_kind, wm.num_actions, seed, probe)
     wm.reset(context, context_actions, seed=seed)
     bytes0 = cache.nbytes()
     rss0, rss_source = rss_mib()
@@ -255,6 +305,11 @@ def soak(model_path: str | os.PathLike, steps: int, every: int, start: int, seed
         "torch": torch.__version__, "real": real, "rows": rows, "summary": summary,
         "snapshots": snapshots,  # (rows, H, W, 3) uint8; not written to JSON
     }
+    if real_game:
+        ref = real_game_reference(str(wm.info.get("game")), int(wm.info.get("frameskip", 4)), tuple(wm.frame_shape[:2]), steps, seed, policy_kind, probe, collapse_std)
+        result["real_game"] = ref
+        for k in ("paddle_rate", "ball_rate"):  # the issue's long-play figures: the model's rates as a share of the real game's
+            summary[f"{k}_vs_real_game"] = overall[k] / ref[k] if ref[k] else None
     wm.close()
     del wm, cache
     gc.collect()
@@ -386,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=int, default=500, help="steps between rows (there is also one at step 1000 and at the end)")
     p.add_argument("--start", type=int, default=0, help="index of the start context in the model's start_frames.npz")
     p.add_argument("--seed", type=cli.seed, default=0, help="seeds the policy and the model's noise")
+    p.add_argument("--policy", choices=POLICIES, default="random", help="random: persistent random actions; serve: the same, plus FIRE once no ball has been seen for 8 steps")
+    p.add_argument("--real-game", action="store_true", help="also play the real game with the same policy and seed for as many steps (reset at each episode end) "
+                   "and compare the rates: the model's paddle and ball rates as a share of the real game's")
     p.add_argument("--out", default="soak.json", help="JSON results file")
     p.add_argument("--plot", default=None, help="PNG of RSS, layout-ok rate, paddle-found rate and flicker over steps")
     p.add_argument("--frames", default=None, help="PNG contact sheet: the newest frame at every row, one line per model")
@@ -409,9 +467,15 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in models:
         print(f"\n== {name} ({path}): {args.steps} steps from start context {args.start}, seed {args.seed}", flush=True)
         print(ROW_HEAD, flush=True)
-        res = soak(path, args.steps, args.every, args.start, args.seed, args.denoise_steps, on_row=lambda r: print(fmt_row(r), flush=True))
+        res = soak(path, args.steps, args.every, args.start, args.seed, args.denoise_steps, on_row=lambda r: print(fmt_row(r), flush=True),
+                   policy_kind=args.policy, real_game=args.real_game)
         results[name] = res
         s, c = res["summary"], res["cache"]
+        if "real_game" in res:
+            g, s_ = res["real_game"], res["summary"]
+            share = lambda k: "-" if s_[f"{k}_vs_real_game"] is None else f"{s_[f'{k}_vs_real_game']:.2f}"  # noqa: E731
+            print(f"   real game, same policy ({g['steps']} steps, {g['episodes_ended']} episode ends): paddle {g['paddle_rate']:.3f}  ball {g['ball_rate']:.2f}  "
+                  f"score {g['score_rate']:.2f}; the model's paddle rate is {share('paddle_rate')} of it, its ball rate {share('ball_rate')}")
         print(f"   {REAL}: paddle {res['real']['paddle_rate']:.3f}  ball {res['real']['ball_rate']:.2f}  score {res['real']['score_rate']:.2f}  "
               f"layout {res['real']['layout_ok_rate']:.3f}  flicker {res['real']['flicker']:.2f}  std {res['real']['pixel_std']:.1f}")
         print(f"   cache: S={c['sink_chunks']} W={c['window_chunks']} F={c['frames_per_chunk']}, max position {s['max_position']} "
@@ -424,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
         lines += [(f"{REAL}, {name}", None, res["real"]) for name, res in results.items()]
     else:
         lines.append((REAL, None, next(iter(results.values()))["real"]))
+    games = [(name, res["real_game"]) for name, res in results.items() if "real_game" in res]
+    lines += [("real game, same policy" + (f", {name}" if len(games) > 1 else ""), None, g) for name, g in games[:len(games) if len(games) > 1 else 1]]
     width = max(22, *(len(n) for n, _, _ in lines))
     print("\n== comparison (rates over all frames of the run)")
     print(COMPARE_HEAD.replace(f"{'model':<22}", f"{'model':<{width}}"))
@@ -432,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rss_sources = {r["rss_source"] for r in results.values()}
     report = {"config": {"models": {n: str(pth) for n, pth in models}, "steps": args.steps, "every": args.every, "start": args.start, "seed": args.seed,
-                         "denoise_steps": args.denoise_steps, "plot": args.plot},
+                         "denoise_steps": args.denoise_steps, "plot": args.plot, "policy": args.policy, "real_game": args.real_game},
               "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
               "machine": platform.processor() or platform.machine(), "rss_source": sorted(rss_sources)[0] if len(rss_sources) == 1 else sorted(rss_sources),
               "models": {n: {k: v for k, v in r.items() if k != "snapshots"} for n, r in results.items()}}

@@ -86,6 +86,33 @@ class BreakoutTracker:
         return NOOP
 
 
+class Serving:
+    """Another policy that also serves: FIRE once the frames have shown no ball for `patience` steps (in
+    Breakout the ball comes back only after FIRE). It reads the ball from the frame it is given, through the
+    game's state probe, so it plays the model's frames and the real game's alike; give it frames at the
+    probe's size (the model's, e.g. 64x64). Ends that wait keep firing every `patience` steps."""
+
+    def __init__(self, inner: "Policy", probe, fire: int = FIRE, patience: int = 8) -> None:
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1 step, got {patience}")
+        self.inner, self.probe, self.fire, self.patience = inner, probe, fire, patience
+        self.unseen = 0
+        self.description = f"Serving({inner.description}, FIRE after {patience} steps without a ball)"
+
+    def reset(self) -> None:
+        self.unseen = 0
+        self.inner.reset()
+
+    def __call__(self, obs: np.ndarray, ram: np.ndarray | None) -> int:
+        action = self.inner(obs, ram)  # drawn every step, so the inner policy's stream does not depend on the frames
+        seen = not np.isnan(self.probe(np.asarray(obs)[None])["ball_x"][0])
+        self.unseen = 0 if seen else self.unseen + 1
+        if self.unseen >= self.patience:
+            self.unseen = 0
+            return self.fire
+        return action
+
+
 class MixedPolicy:
     """Per episode draws epsilon ~ U[0, 1]; each step acts randomly with prob epsilon, else scripted."""
 

@@ -181,3 +181,34 @@ def test_rates_model_against_the_real_game(model, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             rates_main(["--model", str(model), *bad] if bad[0] != "--model" else bad)
         assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_serving_policy_and_the_real_game_under_it(model, tmp_path):
+    """--policy serve FIREs once the frames have shown no ball for its patience; --real-game plays the real
+    game with the same policy for as many steps and reports the model's rates as shares of its rates."""
+    from envs.breakout import FIRE
+    from envs.policies import Serving
+    from envs.probe import probe_breakout
+
+    class Still:
+        description = "still"
+
+        def reset(self):
+            pass
+
+        def __call__(self, obs, ram):
+            return 0
+
+    empty = np.zeros((64, 64, 3), dtype=np.uint8)  # no ball in it
+    serve = Serving(Still(), probe_breakout, patience=3)
+    assert [serve(empty, None) for _ in range(7)] == [0, 0, FIRE, 0, 0, FIRE, 0]
+
+    out = tmp_path / "soak.json"
+    p = run("-m", "bench.soak", "--model", str(model), "--steps", "200", "--every", "100", "--policy", "serve", "--real-game", "--out", str(out))
+    assert "real game, same policy (200 steps" in p.stdout
+    res = json.loads(out.read_text())["models"]["model"]
+    g, s = res["real_game"], res["summary"]
+    assert g["steps"] == 200 and 0 < g["ball_rate"] < 1 and g["paddle_rate"] > 0.9 and "Serving" in g["policy"] and "Serving" in res["config"]["policy"]
+    assert s["ball_rate_vs_real_game"] == pytest.approx(s["overall_ball_rate"] / g["ball_rate"])
+    again = soak(model, 200, 100, start=0, seed=0, policy_kind="serve", real_game=True)["real_game"]
+    assert {k: v for k, v in again.items() if k != "wall_s"} == {k: v for k, v in g.items() if k != "wall_s"}  # the real game is fixed by the seed
