@@ -7,8 +7,8 @@ World i of the model (`WorldModelVectorEnv`, reset with seed `--seed` + i, next-
 i (the emulator the data came from, `envs.games.make_game`, at the model's frameskip, reset with the same
 seed, reset again after each episode end) are each played for `--steps` agent steps by their own
 persistent random policy (`envs.policies.PersistentRandom`, the data's random player), seeded `--seed` + i
-on both sides, so both see the same kind of play. (They see the same actions only for as long as the
-policy ignores the frames, which it does; the games themselves diverge at once.) An episode end is the
+on both sides, so both see the same kind of play (the same actions until the first episode end on either
+side; the games themselves diverge at once). An episode end is the
 env's `terminated` (the real game's game over, the model's end head above `--end-threshold`); the model's
 autoreset steps, whose actions are ignored, are not counted as played.
 
@@ -53,7 +53,8 @@ def play_model(model: Path, worlds: int, steps: int, seed: int, end_threshold: f
     resetting = np.zeros(worlds, dtype=bool)  # next-step autoreset: this step of the world is its reset
     t0 = time.perf_counter()
     while (played < steps).any():  # worlds done early keep stepping in the batch; their steps are not counted
-        actions = np.array([p(obs[i], None) for i, p in enumerate(policies)])
+        # a resetting world's action is ignored: its policy is not asked, so its stream stays the real side's
+        actions = np.array([0 if resetting[i] else p(obs[i], None) for i, p in enumerate(policies)])
         obs, reward, terminated, truncated, _ = env.step(actions)
         for i in range(worlds):
             if resetting[i]:
@@ -130,10 +131,27 @@ def main(argv: list[str] | None = None) -> int:
     if info.get("kind") != "world_model":
         p.error(f"--model: {str(model)!r} is not a world-model folder (config.json kind is {info.get('kind')!r})")
     game, frameskip = str(info.get("game", "")), int(info.get("frameskip", 4))
+    from envs.games import make_game
+
+    try:
+        env = make_game(game, frameskip=frameskip)
+        real_actions = int(env.action_space.n)
+        env.close()
+    except (ValueError, KeyError) as e:  # gymnasium's errors for an unknown id are ValueError subclasses or KeyError
+        p.error(f"--model: its game {game!r} cannot be played for real: {e}")
+    if real_actions != len(info.get("action_meanings", [])):
+        p.error(f"--model: the model has {len(info.get('action_meanings', []))} actions, the real {game} {real_actions}")
 
     print(f"{args.worlds} worlds x {args.steps} steps of persistent random play, seed {args.seed}: {model} against the real {game} (frameskip {frameskip})", flush=True)
+    from worldmodel.checkpoint import CheckpointError as _CheckpointError
+    from worldmodel.runtime import NonFiniteError
+
     real = play_real(game, frameskip, args.worlds, args.steps, args.seed)
-    wm = play_model(model, args.worlds, args.steps, args.seed, args.end_threshold, args.denoise_steps)
+    try:
+        wm = play_model(model, args.worlds, args.steps, args.seed, args.end_threshold, args.denoise_steps)
+    except (ValueError, _CheckpointError, NonFiniteError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     cmp = compare(wm, real, args.factor)
     print(f"{'':14}{'steps':>8}{'reward events':>15}{'reward':>9}{'ends':>6}{'events/1k':>11}{'reward/1k':>11}{'ends/1k':>9}")
     for name, r in (("world model", wm), (f"real {game}", real)):
@@ -144,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model/real {k.replace('_', ' ')}: {verdict}")
     if args.out:
         report = {"config": {**vars(args), "model": str(model), "game": game, "frameskip": frameskip}, "model": wm, "real": real, "ratio": cmp}
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        Path(args.out).write_text(json.dumps(cli.jsonable(report), indent=2, allow_nan=False) + "\n")
         print(f"wrote {args.out}")
     return 0
 

@@ -159,6 +159,7 @@ def real_game_reference(game: str, frameskip: int, size: tuple[int, int], steps:
 
     env = make_game(game, frameskip=frameskip)
     policy = make_policy(kind, int(env.action_space.n), seed, probe)
+    # flicker across an episode end compares the last frame with the reset screen: one spike per episode
     obs, _ = env.reset(seed=seed)
     frame = preprocess_frame(game_frame(env, obs), size)
     agg, buffer, prev, episodes = Aggregate(collapse_std), [], None, 0
@@ -194,11 +195,14 @@ def soak(model_path: str | os.PathLike, steps: int, every: int, start: int, seed
     module docstring)."""
     import torch
 
+    from envs.breakout import FIRE
     from envs.probe import probe_for
     from worldmodel.runtime import WorldModel, load_start_frames
 
     if steps < 1 or every < 1:
         raise ValueError(f"steps and every must be >= 1, got steps={steps}, every={every}")
+    if policy_kind not in POLICIES:
+        raise ValueError(f"unknown soak policy {policy_kind!r}; choose one of {POLICIES}")
     model_path = Path(model_path)
     t_load = time.perf_counter()
     wm = WorldModel.load(model_path, steps=denoise_steps)
@@ -219,6 +223,9 @@ def soak(model_path: str | os.PathLike, steps: int, every: int, start: int, seed
 
     cache, F = wm.cache, wm.frames_per_chunk
     bound = (cache.S + cache.W + 1) * F - 1
+    if policy_kind == "serve" and (wm.info.get("action_meanings") or [None, None])[FIRE] != "FIRE":
+        wm.close()
+        raise ValueError(f"--policy serve presses action {FIRE} as FIRE, but {str(model_path)!r} names its actions {wm.info.get('action_meanings')}")
     policy = make_policy(policy_kind, wm.num_actions, seed, probe)
     wm.reset(context, context_actions, seed=seed)
     bytes0 = cache.nbytes()
@@ -489,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         lines.append((REAL, None, next(iter(results.values()))["real"]))
     games = [(name, res["real_game"]) for name, res in results.items() if "real_game" in res]
-    lines += [("real game, same policy" + (f", {name}" if len(games) > 1 else ""), None, g) for name, g in games[:len(games) if len(games) > 1 else 1]]
+    distinct_games = len({json.dumps(cli.jsonable({k: v for k, v in g.items() if k != "wall_s"}), sort_keys=True) for _, g in games}) > 1
+    lines += [("real game, same policy" + (f", {name}" if distinct_games else ""), None, g) for name, g in (games if distinct_games else games[:1])]
     width = max(22, *(len(n) for n, _, _ in lines))
     print("\n== comparison (rates over all frames of the run)")
     print(COMPARE_HEAD.replace(f"{'model':<22}", f"{'model':<{width}}"))

@@ -90,7 +90,7 @@ class Serving:
     """Another policy that also serves: FIRE once the frames have shown no ball for `patience` steps (in
     Breakout the ball comes back only after FIRE). It reads the ball from the frame it is given, through the
     game's state probe, so it plays the model's frames and the real game's alike; give it frames at the
-    probe's size (the model's, e.g. 64x64). Ends that wait keep firing every `patience` steps."""
+    probe's size (the model's, e.g. 64x64), one at a time. While no ball appears it fires every `patience` steps."""
 
     def __init__(self, inner: "Policy", probe, fire: int = FIRE, patience: int = 8) -> None:
         if patience < 1:
@@ -105,7 +105,10 @@ class Serving:
 
     def __call__(self, obs: np.ndarray, ram: np.ndarray | None) -> int:
         action = self.inner(obs, ram)  # drawn every step, so the inner policy's stream does not depend on the frames
-        seen = not np.isnan(self.probe(np.asarray(obs)[None])["ball_x"][0])
+        obs = np.asarray(obs)
+        if obs.ndim != 3:
+            raise ValueError(f"Serving reads one frame (H, W, 3) at a time, got an observation of shape {obs.shape} (a frame stack?)")
+        seen = not np.isnan(self.probe(obs[None])["ball_x"][0])
         self.unseen = 0 if seen else self.unseen + 1
         if self.unseen >= self.patience:
             self.unseen = 0

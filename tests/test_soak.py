@@ -170,6 +170,9 @@ def test_rates_model_against_the_real_game(model, tmp_path, capsys):
     assert never["steps"] == 30 and never["episode_ends"] == 0
     c = compare(never, {**real, "reward_events_per_1k": 0.0}, 2.0)
     assert c["reward_events"] == {"ratio": None, "within_factor": None} and c["episode_ends"]["ratio"] == 0.0 and c["episode_ends"]["within_factor"] is False
+    rates = lambda e: {"reward_events_per_1k": e, "reward_sum_per_1k": e, "episode_ends_per_1k": e}  # noqa: E731
+    assert compare(rates(1.5), rates(1.0), 2.0)["reward_events"] == {"ratio": 1.5, "within_factor": True}
+    assert compare(rates(0.4), rates(1.0), 2.0)["episode_ends"]["within_factor"] is False
 
     out = tmp_path / "rates.json"
     assert rates_main(["--model", str(model), "--worlds", "2", "--steps", "10", "--denoise-steps", "1", "--out", str(out)]) == 0
@@ -177,7 +180,7 @@ def test_rates_model_against_the_real_game(model, tmp_path, capsys):
     assert report["model"]["steps"] == report["real"]["steps"] == 20 and set(report["ratio"]) == {"reward_events", "reward_sum", "episode_ends"}
     assert "model/real episode ends" in capsys.readouterr().out
     for bad, says in ((["--worlds", "0"], "--worlds and --steps must be >= 1"), (["--factor", "0.5"], "--factor must be a number >= 1"),
-                      (["--model", str(tmp_path / "nowhere")], "--model")):
+                      (["--model", str(tmp_path / "nowhere")], "does not exist")):
         with pytest.raises(SystemExit) as e:
             rates_main(["--model", str(model), *bad] if bad[0] != "--model" else bad)
         assert e.value.code == 2 and says in capsys.readouterr().err
@@ -199,9 +202,23 @@ def test_serving_policy_and_the_real_game_under_it(model, tmp_path):
         def __call__(self, obs, ram):
             return 0
 
+    from bench.soak import real_game_reference
+    from envs.games import game_frame, make_game, preprocess_frame
+
     empty = np.zeros((64, 64, 3), dtype=np.uint8)  # no ball in it
     serve = Serving(Still(), probe_breakout, patience=3)
     assert [serve(empty, None) for _ in range(7)] == [0, 0, FIRE, 0, 0, FIRE, 0]
+    env = make_game("Breakout")  # a real frame with the ball in play: no FIRE however long it is shown
+    env.reset(seed=0)
+    frames = [preprocess_frame(game_frame(env, env.step(a)[0]), (64, 64)) for a in [FIRE] + [0] * 12]
+    env.close()
+    in_play = next(f for f in frames if not np.isnan(probe_breakout(f[None])["ball_x"][0]))
+    serve.reset()
+    assert [serve(in_play, None) for _ in range(10)] == [0] * 10
+    with pytest.raises(ValueError, match="one frame"):
+        serve(np.stack([in_play, in_play]), None)
+    ball = {k: real_game_reference("Breakout", 4, (64, 64), 300, 0, k, probe_breakout, 1.0)["ball_rate"] for k in ("random", "serve")}
+    assert ball["serve"] > ball["random"] + 0.1, ball  # it serves: the ball is in play more often (0.75 against 0.44)
 
     out = tmp_path / "soak.json"
     p = run("-m", "bench.soak", "--model", str(model), "--steps", "200", "--every", "100", "--policy", "serve", "--real-game", "--out", str(out))
