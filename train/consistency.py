@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variant", choices=["dcm", "scm", "ode"], default="scm")
     p.add_argument("--ode-steps", type=int, default=16, help="ode: the teacher's uniform Euler steps from noise to the clean frame (the student's levels are joined to its grid)")
     p.add_argument("--student-steps", type=int, default=4, help="ode: the student's denoising list the regression trains at (its levels above 0); "
-                   "match stage 4's --train-steps (default 4), which DMD then rolls out with")
+                   "match stage 4's --train-steps, which DMD then rolls out with")
     p.add_argument("--grid", type=int, default=48, help="dCM: intervals of the discrete time grid")
     p.add_argument("--tangent-warmup", type=int, default=200, help="sCM: steps over which the JVP term ramps from 0 to 1")
     p.add_argument("--min-level", type=float, default=0.02, help="sCM: smallest noise level trained")
