@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from bench import model_info
 from worldmodel import cli
 
 MEASURES = ("reward_events", "reward_sum", "episode_ends")
@@ -122,14 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.end_threshold <= 1:
         p.error(f"--end-threshold must lie in (0, 1], got {args.end_threshold}")
     model = Path(args.model).expanduser()
-    from worldmodel.checkpoint import CheckpointError, read_config
-
-    try:
-        info = read_config(model)
-    except CheckpointError as e:
-        p.error(f"--model: {e}")
-    if info.get("kind") != "world_model":
-        p.error(f"--model: {str(model)!r} is not a world-model folder (config.json kind is {info.get('kind')!r})")
+    info = model_info(p, "--model", model)
     game, frameskip = str(info.get("game", "")), int(info.get("frameskip", 4))
     from envs.games import make_game
 
@@ -143,13 +137,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--model: the model has {len(info.get('action_meanings', []))} actions, the real {game} {real_actions}")
 
     print(f"{args.worlds} worlds x {args.steps} steps of persistent random play, seed {args.seed}: {model} against the real {game} (frameskip {frameskip})", flush=True)
-    from worldmodel.checkpoint import CheckpointError as _CheckpointError
+    from worldmodel.checkpoint import CheckpointError
     from worldmodel.runtime import NonFiniteError
 
     real = play_real(game, frameskip, args.worlds, args.steps, args.seed)
     try:
         wm = play_model(model, args.worlds, args.steps, args.seed, args.end_threshold, args.denoise_steps)
-    except (ValueError, _CheckpointError, NonFiniteError) as e:
+    except (ValueError, CheckpointError, NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cmp = compare(wm, real, args.factor)

@@ -51,6 +51,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from bench import model_info
 from bench.memory import maxrss_mib, status_mib
 from worldmodel import cli
 
@@ -413,16 +414,11 @@ def parse_model(spec: str) -> tuple[str, Path]:
 
 def check_model(p: argparse.ArgumentParser, name: str, path: Path, start: int) -> None:
     """parser.error (exit 2) unless `path` is a world-model folder with a probe and a start context `start`."""
-    from worldmodel.checkpoint import CheckpointError, read_config
+    from worldmodel.checkpoint import CheckpointError
 
     if not path.is_dir():
         p.error(f"--model {name}: no model folder at {str(path)!r}")
-    try:
-        info = read_config(path)
-    except CheckpointError as e:
-        p.error(f"--model {name}: {e}")
-    if info.get("kind") != "world_model":
-        p.error(f"--model {name}: {str(path)!r} is not a world-model folder (config.json kind is {info.get('kind')!r})")
+    info = model_info(p, f"--model {name}", path)
     from envs.probe import probe_for
     from worldmodel.runtime import load_start_frames
 

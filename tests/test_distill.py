@@ -76,6 +76,13 @@ def ode_sample(v, eps: torch.Tensor, steps: int) -> torch.Tensor:
     return x
 
 
+@torch.no_grad()
+def one_step_error(student: VelocityMLP, eps: torch.Tensor, ode: torch.Tensor) -> float:
+    """Mean squared distance from the student's 1-step samples of `eps` to where the teacher's ODE takes them."""
+    x0 = eps - student(eps, torch.ones(eps.shape[:2]))
+    return float(((x0 - ode) ** 2).sum(-1).mean())
+
+
 def pretrain_flow(model: VelocityMLP, steps: int, g: torch.Generator) -> None:
     """The student starts from (a cheap copy of) the teacher, as in stage 3: fit the exact velocity."""
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
@@ -101,12 +108,7 @@ def test_consistency_distillation_makes_one_step_match_the_teacher_ode(variant):
     with torch.no_grad():
         ode = ode_sample(teacher, eps_test, 200)  # where the teacher's ODE takes each noise
 
-    @torch.no_grad()
-    def one_step_error() -> float:
-        x0 = eps_test - student(eps_test, torch.ones(2048, 1))
-        return float(((x0 - ode) ** 2).sum(-1).mean())
-
-    before = one_step_error()
+    before = one_step_error(student, eps_test, ode)
     opt = torch.optim.Adam(student.parameters(), lr=1e-3)
     grid = consistency_grid(48)
     for it in range(1500):
@@ -121,7 +123,7 @@ def test_consistency_distillation_makes_one_step_match_the_teacher_ode(variant):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    after = one_step_error()
+    after = one_step_error(student, eps_test, ode)
     with torch.no_grad():
         naive = float(((ode_sample(teacher, eps_test, 1) - ode) ** 2).sum(-1).mean())  # the teacher at 1 step
     # the distilled 1-step map lands far closer to the teacher's ODE than the teacher's own 1 step, or the start
@@ -149,12 +151,7 @@ def test_ode_initialisation_learns_the_teacher_ode_map():
         torch.testing.assert_close(points[1, :4], x, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(x0_ode[:4], ode_sample(teacher, points[0, :4], 100), atol=1e-4, rtol=1e-4)  # and ends where the ODE does
 
-    @torch.no_grad()
-    def one_step_error() -> float:
-        x0 = eps_test - student(eps_test, torch.ones(2048, 1))
-        return float(((x0 - ode) ** 2).sum(-1).mean())
-
-    before = one_step_error()
+    before = one_step_error(student, eps_test, ode)
     opt = torch.optim.Adam(student.parameters(), lr=1e-3)
     for _ in range(1000):
         i = torch.randint(0, 8192, (512,), generator=g)
@@ -164,7 +161,7 @@ def test_ode_initialisation_learns_the_teacher_ode_map():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    after = one_step_error()
+    after = one_step_error(student, eps_test, ode)
     with torch.no_grad():
         naive = float(((ode_sample(teacher, eps_test, 1) - ode) ** 2).sum(-1).mean())
         mid = points[1, :2048]

@@ -88,7 +88,7 @@ def ode_levels(ode_steps: int, student_steps: int) -> tuple[list[float], list[fl
 
 def at_levels(points: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Points (K, B, T, ...) of a trajectory and an index k (B, T) into K -> each frame's point (B, T, ...)."""
-    K, B, T = points.shape[:3]
+    B, T = points.shape[1:3]
     return points.movedim(0, 2)[torch.arange(B, device=k.device)[:, None], torch.arange(T, device=k.device)[None], k]
 
 

@@ -246,29 +246,27 @@ def train(args: argparse.Namespace) -> int:
         if tok_cfg.kind != "patch":
             raise UsageError(f"--refine works on pixels: it needs the patch tokenizer (train.tokenizer --kind patch), not {tok_cfg.kind!r}")
         shape.update(refine=args.refine, pixel_patch=tok_cfg.patch)
+    if args.sigma_data is not None:  # given (EDM only, parse_args checks); else measured on the latents below
+        shape["sigma_data"] = args.sigma_data
+    measured = args.predict == "edm" and args.sigma_data is None
     with usage_errors():
         cfg = dit_config(args.preset, in_channels=tok_cfg.channels, latent_size=tok_cfg.latent_size, num_actions=meta["num_actions"], sink_chunks=args.sink_chunks,
                          window_chunks=args.window_chunks, prev_frame=args.prev_frame, delta=args.delta, predict=args.predict, time_scale=args.time_scale, **shape)
     run = Run.start(args, "teacher", Schedule(args.warmup, args.steps, min_ratio=0.1, max_minutes=args.max_minutes), args.export_only)
     d = run.d
     if args.init is not None and not run.has_checkpoint():  # before the latents: a wrong source is refused at once
-        with usage_errors("--init: "):
-            if args.predict == "edm" and args.sigma_data is not None:
-                init_source(Path(args.init), dataclasses.replace(cfg, sigma_data=args.sigma_data))
-            else:  # EDM's sigma_data is measured on the latents below, and compared then
-                init_source(Path(args.init), cfg, ignore=("sigma_data",) if args.predict == "edm" else ())
+        with usage_errors("--init: "):  # a sigma_data still to be measured is compared when the weights load
+            init_source(Path(args.init), cfg, ignore=("sigma_data",) if measured else ())
     train_lat, _ = encode_latents(data, tok_dir, run.out / "latents", d)  # once; each rank encodes its share of the shards
     if d.is_main:
         print(f"latents ready in {run.out / 'latents'} ({run.wall():.0f}s)")
 
     with usage_errors():
-        if args.predict == "edm":
-            given = args.sigma_data is not None
-            if not given:  # the card's command repeats it
-                args.sigma_data = round(target_std(train_lat, args.delta, cfg.frames_per_chunk), 6)
+        if measured:  # the card's command repeats it
+            args.sigma_data = round(target_std(train_lat, args.delta, cfg.frames_per_chunk), 6)
             cfg = dataclasses.replace(cfg, sigma_data=args.sigma_data)
-            if d.is_main:
-                print(f"EDM preconditioning: sigma_data {args.sigma_data} ({'given' if given else 'measured on the training latents'})")
+        if args.predict == "edm" and d.is_main:
+            print(f"EDM preconditioning: sigma_data {args.sigma_data} ({'measured on the training latents' if measured else 'given'})")
     if args.frames % cfg.frames_per_chunk:
         raise UsageError(f"--frames {args.frames} must be a multiple of frames_per_chunk {cfg.frames_per_chunk}")
     dit = CausalDiT(cfg).to(d.device)
