@@ -30,6 +30,7 @@ INPUTS = {"plain": {}, "prev": dict(prev_frame=True), "delta": dict(delta=True),
           "x0": dict(predict="x0"), "x0+prev+delta": dict(predict="x0", prev_frame=True, delta=True),
           "edm": dict(predict="edm"), "edm+prev+delta": dict(predict="edm", prev_frame=True, delta=True, sigma_data=0.1),
           # the pixel refiner: latents of 2x2 pixel patches (12 channels), 8x8 pixels per frame
+          "edm+prev+delta+out": dict(predict="edm", prev_frame=True, delta=True, sigma_data=0.1, out_hidden=24),  # the MLP output layer
           "x0+refine": dict(predict="x0", in_channels=12, pixel_patch=2, refine=4),
           "edm+prev+delta+refine": dict(predict="edm", prev_frame=True, delta=True, sigma_data=0.1, in_channels=12, pixel_patch=2, refine=4)}
 
@@ -38,7 +39,8 @@ INPUTS = {"plain": {}, "prev": dict(prev_frame=True), "delta": dict(delta=True),
                                                                    (1, 1, 3, "prev"), (2, 2, 2, "prev+delta"), (1, 1, 3, "delta"),
                                                                    (1, 1, 3, "x0"), (2, 1, 2, "x0+prev+delta"),
                                                                    (1, 1, 3, "edm"), (2, 1, 2, "edm+prev+delta"),
-                                                                   (1, 1, 3, "x0+refine"), (2, 1, 2, "edm+prev+delta+refine")])
+                                                                   (1, 1, 3, "x0+refine"), (2, 1, 2, "edm+prev+delta+refine"),
+                                                                   (2, 1, 2, "edm+prev+delta+out")])
 def test_cached_generation_equals_full_forward(frames_per_chunk, sinks, window, inputs):
     """Generate chunk by chunk with the cache (sinks + window active well past the window), record every
     denoiser call, then replay the same inputs through the teacher-forcing pack in one forward. With the
@@ -124,7 +126,7 @@ def test_context_noise_at_play_equals_the_pack_with_noised_context(inputs):
         generate_chunk(model, model.new_cache(B), actions[:, :1], noise, levels, context_noise=1.0)
 
 
-@pytest.mark.parametrize("inputs", ["plain", "prev+delta", "x0+prev+delta", "edm+prev+delta", "edm+prev+delta+refine"])
+@pytest.mark.parametrize("inputs", ["plain", "prev+delta", "x0+prev+delta", "edm+prev+delta", "edm+prev+delta+refine", "edm+prev+delta+out"])
 def test_causality_of_pack(inputs):
     """A noisy chunk's output depends on neither later clean chunks nor its own clean copy; earlier
     outputs never depend on a later chunk's input or action."""
@@ -365,3 +367,34 @@ def test_pack_previous_frame_is_the_context_frame_at_data_scale():
         model.tokens = orig
     torch.testing.assert_close(seen["prev"][:, 1:], clean[:, :-1] / 0.9)
     assert (seen["prev"][:, 0] == 0).all() and torch.isfinite(v_noised).all()
+
+
+def test_mlp_output_layer_writes_what_a_linear_one_cannot():
+    """A linear output layer from a dim-wide feature reaches only a dim-dimensional subspace of a token's outputs:
+    asked for every one-pixel spike (the identity on 32 outputs) from 8-wide features, its least-squares best
+    leaves a residual of at least (32 - 8) / 32 per output. The MLP layer (DiTConfig.out_hidden) fits them. Both
+    start at zero output, as DiT's adaLN-Zero output layer does."""
+    from worldmodel.dit import FinalLayer
+    torch.manual_seed(0)
+    dim, out = 8, 32
+    feats = torch.randn(out, 1, 1, dim)  # (B, T, N, dim): one token per target spike
+    cond = torch.zeros(out, 1, dim)  # (B, T, dim), the adaLN condition
+    want = torch.eye(out)[:, None, None]
+    lin, mlp = FinalLayer(dim, out), FinalLayer(dim, out, hidden=128)
+    for layer in (lin, mlp):
+        torch.nn.init.zeros_(layer.linear.weight)
+        torch.nn.init.zeros_(layer.linear.bias)
+        torch.nn.init.zeros_(layer.ada[-1].weight)
+        torch.nn.init.zeros_(layer.ada[-1].bias)
+        assert layer(feats, cond).abs().max() == 0
+    x = torch.nn.functional.layer_norm(feats[:, 0, 0], (dim,), eps=1e-6)
+    X = torch.cat([x, torch.ones(out, 1)], dim=1)  # the linear layer's best: least squares with its bias
+    lin_best = ((X @ torch.linalg.lstsq(X, want[:, 0, 0]).solution - want[:, 0, 0]) ** 2).sum() / out
+    assert lin_best >= (out - dim - 1) / out - 1e-4
+    opt = torch.optim.Adam(mlp.parameters(), lr=3e-3)
+    for _ in range(1500):
+        loss = ((mlp(feats, cond) - want) ** 2).sum() / out
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05 * lin_best

@@ -182,20 +182,21 @@ def test_schedule_follows_the_wall_budget():
 def test_bad_lever_flags_are_refused():
     base = ["--data", "d", "--tokenizer", "t", "--out", "o"]
     for bad in (["--change-weight", "-1"], ["--change-weight", "nan"], ["--change-threshold", "0"], ["--level-mean", "inf"],
-                ["--max-minutes", "0"], ["--patch-size", "0"], ["--own-context", "1.5"], ["--own-context", "-0.1"], ["--sigma-data", "0"], ["--sigma-data", "nan"], ["--predict", "eps"], ["--time-scale", "0"], ["--time-scale", "inf"], ["--sigma-data", "0.1"]):  # the last without --predict edm
+                ["--max-minutes", "0"], ["--patch-size", "0"], ["--own-context", "1.5"], ["--own-context", "-0.1"], ["--sigma-data", "0"], ["--sigma-data", "nan"], ["--predict", "eps"], ["--time-scale", "0"], ["--time-scale", "inf"], ["--sigma-data", "0.1"], ["--out-hidden", "-1"]):  # --sigma-data 0.1 without --predict edm
         with pytest.raises(SystemExit) as e:
             parse_args(base + bad)
         assert e.value.code == 2
 
 
 def test_teacher_with_every_lever_trains_exports_and_plays(data, tokenizer, tmp_path):
-    """prev frame + change target + change weight + level shift + 1x1 patches + own-prediction context + EDM output."""
+    """prev frame + change target + change weight + level shift + 1x1 patches + own-prediction context + EDM output
+    + pixel refiner + time scale + MLP output layer."""
     out = tmp_path / "run"
-    levers = ("--prev-frame", "--delta", "--change-weight", "20", "--level-mean", "0.5", "--patch-size", "1", "--own-context", "0.5", "--predict", "edm", "--refine", "4", "--time-scale", "5")
+    levers = ("--prev-frame", "--delta", "--change-weight", "20", "--level-mean", "0.5", "--patch-size", "1", "--own-context", "0.5", "--predict", "edm", "--refine", "4", "--time-scale", "5", "--out-hidden", "24")
     run("-m", "train.teacher", "--data", str(data), "--tokenizer", str(tokenizer), "--out", str(out), *TEACHER, *levers, "--steps", "3")
     cfg = json.loads((out / "model" / "dit" / "config.json").read_text())["config"]
     assert cfg["prev_frame"] and cfg["delta"] and cfg["patch_size"] == 1 and cfg["predict"] == "edm" and cfg["refine"] == 4 and cfg["pixel_patch"] > 0
-    assert cfg["time_scale"] == 5
+    assert cfg["time_scale"] == 5 and cfg["out_hidden"] == 24
     assert "context_noise" not in json.loads((out / "model" / "config.json").read_text())["sampling"]  # unset: readable by code older than the field
     assert cfg["sigma_data"] == pytest.approx(target_std(sorted((out / "latents" / "train").glob("*.npz")), True, cfg["frames_per_chunk"]), rel=1e-4)  # measured
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -205,7 +206,7 @@ def test_teacher_with_every_lever_trains_exports_and_plays(data, tokenizer, tmp_
     cmd = next(line.strip() for line in card.splitlines() if line.strip().startswith("python -m train.teacher"))
     again = parse_args(shlex.split(cmd)[3:])  # the card's command reproduces the run's arguments
     assert again.prev_frame and again.delta and again.change_weight == 20 and again.patch_size == 1 and again.level_mean == 0.5 and again.own_context == 0.5
-    assert again.predict == "edm" and again.sigma_data == cfg["sigma_data"] and again.refine == 4 and again.time_scale == 5
+    assert again.predict == "edm" and again.sigma_data == cfg["sigma_data"] and again.refine == 4 and again.time_scale == 5 and again.out_hidden == 24
     # the card's EDM command (sigma_data given) starts a fresh run from the model with --init
     p = run("-m", "train.teacher", "--data", str(data), "--tokenizer", str(tokenizer), "--out", str(tmp_path / "again"), *TEACHER, *levers,
             "--sigma-data", str(cfg["sigma_data"]), "--init", str(out / "model"), "--steps", "1")

@@ -66,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time-scale", type=float, default=1000.0, help="the time embedding reads TIME_SCALE x the noise level (DiT: 1000; a teacher to be "
                    "distilled with sCM wants a low one, e.g. 1-10, whose derivative in the level stays small)")
     p.add_argument("--refine", type=int, default=0, metavar="CHANNELS", help="a pixel-space refiner of this many hidden channels after the last layer (3x3 convolutions over each frame's pixels; needs the patch tokenizer and --predict x0 or edm; 0: none)")
+    p.add_argument("--out-hidden", type=int, default=0, metavar="UNITS", help="the output layer that writes each token's latents: 0 for DiT's linear map, else a two-layer MLP of this hidden width (>= the token's latent size makes it full-rank; 768 with pixel patches at preset small)")
     p.add_argument("--init", default=None, metavar="PATH", help="start a fresh run from these weights: a training checkpoint (RUN/checkpoint), an exported model (RUN/model) or its dit/ folder; the network must have the same shape, except that a refiner the source lacks starts as the identity; a re-run with RUN/checkpoint present resumes from that instead")
     p.add_argument("--change-weight", type=float, default=0.0, help="extra flow-loss weight of latent elements that change from the previous frame (0: plain MSE)")
     p.add_argument("--change-threshold", type=float, default=0.05, help="an element changes when it moves by more than this (normalised latent units)")
@@ -93,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--patch-size must be positive")
     if args.refine < 0:
         p.error("--refine must be >= 0 (0: no refiner)")
+    if args.out_hidden < 0:
+        p.error("--out-hidden must be >= 0 (0: a linear output layer)")
     if not (math.isfinite(args.time_scale) and args.time_scale > 0):
         p.error(f"--time-scale must be a positive number, got {args.time_scale}")
     if args.refine and args.predict == "velocity":
@@ -242,6 +245,8 @@ def train(args: argparse.Namespace) -> int:
     if tuple(meta["frame_size"]) != tuple(tok_cfg.frame_size):
         raise UsageError(f"dataset frames are {meta['frame_size']} but the tokenizer takes {list(tok_cfg.frame_size)}")
     shape = {} if args.patch_size is None else {"patch_size": args.patch_size}
+    if args.out_hidden:
+        shape["out_hidden"] = args.out_hidden
     if args.refine:
         if tok_cfg.kind != "patch":
             raise UsageError(f"--refine works on pixels: it needs the patch tokenizer (train.tokenizer --kind patch), not {tok_cfg.kind!r}")
@@ -313,7 +318,8 @@ def card(args: argparse.Namespace, meta: dict, n_params: int, step: int, wall: f
         f"Network: predicts {args.predict}{f' (sigma_data {args.sigma_data})' if getattr(args, 'sigma_data', None) else ''}; previous frame concatenated {'yes' if args.prev_frame else 'no'}, change-from-previous parameterisation {'yes' if args.delta else 'no'}; "
         f"flow loss change weight {args.change_weight} (threshold {args.change_threshold}); logit-normal level mean {args.level_mean}; "
         f"own-prediction context (error recycling) on {getattr(args, 'own_context', 0.0):.0%} of windows",
-        f"Pixel refiner: {f'{args.refine} hidden channels' if getattr(args, 'refine', 0) else 'none'}" + (f"; initialised from {args.init}" if getattr(args, "init", None) else ""),
+        f"Output layer: {f'MLP of {args.out_hidden} hidden units' if getattr(args, 'out_hidden', 0) else 'linear'}; "
+        f"pixel refiner: {f'{args.refine} hidden channels' if getattr(args, 'refine', 0) else 'none'}" + (f"; initialised from {args.init}" if getattr(args, "init", None) else ""),
         f"Samples with {args.sample_steps} Euler steps by default",
     ], "train.teacher", args)
 

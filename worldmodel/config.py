@@ -118,6 +118,13 @@ class DiTConfig:
     # training (sCM) follows and diverges on; sCM (Lu & Song 2024) conditions on the level itself at a low
     # scale. A teacher meant for sCM distillation trains with a small one (e.g. 1 to 10); the student inherits it.
     time_scale: float = 1000.0
+    # The output layer that writes each token's latents (0: DiT's linear map; else the hidden width of a
+    # two-layer MLP in its place). A linear map from a dim-wide feature reaches only a dim-dimensional subspace of
+    # a token's p*p*C outputs (192 of 768 with pixel patches at preset small), so a pattern outside it, such as
+    # the ball's few pixels at one of the token's 256 places, is written as its projection: the right pixels
+    # too faint and speckle around them. A hidden width >= p*p*C makes the map full-rank (and nonlinear), at the
+    # cost of one more matrix per token. Its last layer starts at zero, as DiT's output layer does.
+    out_hidden: int = 0
 
     def __post_init__(self) -> None:
         self.latent_size = tuple(self.latent_size)
@@ -136,6 +143,8 @@ class DiTConfig:
             raise ValueError(f"sigma_data must be a positive finite number, got {self.sigma_data}")
         if not (math.isfinite(self.time_scale) and self.time_scale > 0):
             raise ValueError(f"time_scale must be a positive finite number, got {self.time_scale}")
+        if self.out_hidden < 0:
+            raise ValueError(f"out_hidden must be >= 0 (0: a linear output layer), got {self.out_hidden}")
         if self.refine < 0 or self.pixel_patch < 0:
             raise ValueError(f"refine and pixel_patch must be >= 0, got {self.refine} and {self.pixel_patch}")
         if self.pixel_patch and self.in_channels != 3 * self.pixel_patch**2:

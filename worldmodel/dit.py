@@ -91,15 +91,19 @@ class Block(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, dim: int, out: int) -> None:
+    """adaLN, then the map to each token's latents: linear (DiT's), or through `hidden` units (DiTConfig.out_hidden)."""
+
+    def __init__(self, dim: int, out: int, hidden: int = 0) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(dim, out)
+        self.hidden = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh")) if hidden else None
+        self.linear = nn.Linear(hidden or dim, out)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.ada(c)[:, :, None].chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        x = modulate(self.norm(x), shift, scale)
+        return self.linear(x if self.hidden is None else self.hidden(x))
 
 
 @dataclass
@@ -172,7 +176,7 @@ class CausalDiT(nn.Module):
         self.a_embed = nn.Embedding(cfg.num_actions + 1, D)  # row num_actions: null action (guidance)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.depth))
-        self.final = FinalLayer(D, cfg.in_channels * p * p)
+        self.final = FinalLayer(D, cfg.in_channels * p * p, cfg.out_hidden)
         self.heads = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, cfg.head_hidden), nn.SiLU(), nn.Linear(cfg.head_hidden, 3))
         self.refiner = PixelRefiner(cfg.pixel_patch, cfg.refine) if cfg.refine else None
         self._block_masks: dict = {}  # flex-attention masks of the pack, by (chunks, device)
