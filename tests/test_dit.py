@@ -101,7 +101,11 @@ def test_context_noise_at_play_equals_the_pack_with_noised_context(inputs):
 
     def spy(x, t, a, c, commit=False):
         v, h = orig(x, t, a, c, commit)
-        (committed if commit is not False else calls).append((float(t[0, 0]), x.clone(), v.clone()))
+        if commit is not False:
+            assert v is None  # a commit pass runs neither the output layer nor the refiner
+            committed.append((float(t[0, 0]), x.clone()))
+        else:
+            calls.append((float(t[0, 0]), x.clone(), v.clone()))
         return v, h
 
     model.forward_cached = spy
@@ -111,8 +115,8 @@ def test_context_noise_at_play_equals_the_pack_with_noised_context(inputs):
         clean.append(x0)
         heads_cached.append(heads.end_logit)
     model.forward_cached = orig
-    assert all(abs(t - L) < 1e-6 for t, _, _ in committed)
-    ctx = torch.cat([x for _, x, _ in committed], dim=1)
+    assert all(abs(t - L) < 1e-6 for t, _ in committed)
+    ctx = torch.cat([x for _, x in committed], dim=1)
     x0s = torch.cat(clean, dim=1)
     assert (ctx - (1 - L) * x0s).abs().max() > 1e-2  # noise was added, and the clean chunk came back
     for s in levels[:-1]:

@@ -151,14 +151,15 @@ def test_only_the_exit_step_carries_the_gradient_and_chunks_are_detached(exit_st
     out = rollout(model, latents, actions, context, levels, torch.Generator().manual_seed(1), grad=True, exit_step=exit_step)
     model.forward_cached = orig
 
-    assert [c[1] for c in calls[:context]] == [True] * context and not any(c[3].requires_grad for c in calls[:context])
+    assert [c[1] for c in calls[:context]] == [True] * context and all(c[3] is None for c in calls[:context])  # commit passes: no output
     per_chunk = exit_step + 2  # steps before the exit, the exit step, the re-cache pass
     assert len(calls) == context + n_chunks * per_chunk
     exits = []
     for j in range(n_chunks):
         chunk = calls[context + j * per_chunk:context + (j + 1) * per_chunk]
         assert [c[0] for c in chunk] == [*levels[:exit_step + 1], 0.0] and [c[1] for c in chunk] == [False] * (exit_step + 1) + [True]
-        assert [c[3].requires_grad for c in chunk] == [False] * exit_step + [True, False], f"chunk {j}: only the exit step needs a gradient"
+        assert [c[3].requires_grad for c in chunk[:-1]] == [False] * exit_step + [True], f"chunk {j}: only the exit step needs a gradient"
+        assert chunk[-1][3] is None  # the re-cache pass
         assert not chunk[exit_step][2], f"chunk {j}: the exit step's input must come from the chain without gradient"
         exits.append(chunk[exit_step][3])
     torch.testing.assert_close(out[:, :context], latents, **EXACT)

@@ -53,6 +53,8 @@ def test_ode_initialisation_trains_and_exports(teacher, data, tmp_path):
     info = json.loads((out / "model" / "config.json").read_text())
     assert info["trained"]["stage"] == "consistency-ode" and info["sampling"]["solver"] == "consistency"
     assert "causal ODE initialisation" in (out / "model" / "README.md").read_text()
+    p = run("-m", "train.consistency", *stage_args(teacher, data, out), "--variant", "dcm", "--steps", "3", "--guidance", "1.5", *CM, ok=False)
+    assert p.returncode == 2 and "stage 'consistency-ode', not 'consistency-dcm'" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
     p = run("-m", "train.consistency", *stage_args(teacher, data, tmp_path / "bad"), "--variant", "ode", "--ode-steps", "0", ok=False)
     assert p.returncode == 2 and "--ode-steps and --student-steps must be >= 1" in p.stderr
 

@@ -248,3 +248,23 @@ def test_latents_errors_name_the_stage_that_writes_them(model, data, tmp_path, c
     # the teacher's run folder instead of its latents/ folder: the hint names the right one
     assert dmd_main([*args, "--latents", str(model.parent)]) == 2
     assert f"--latents {model.parent / 'latents'}" in capsys.readouterr().err
+
+
+def test_a_checkpoint_resumes_only_into_its_own_stage(tmp_path):
+    """A consistency run's variant is part of its stage: the same student network under another objective must
+    not pick up the dcm run's step, optimizer and schedule silently."""
+    from train.common import Dist
+    from train.skeleton import load_run, save_run
+    from worldmodel.checkpoint import CheckpointError
+    from worldmodel.config import dit_config
+    from worldmodel.dit import CausalDiT
+
+    cfg = dit_config("tiny", in_channels=4, latent_size=(4, 4), num_actions=4)
+    net = CausalDiT(cfg)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    ckpt = tmp_path / "checkpoint"
+    save_run(ckpt, "consistency-dcm", cfg, {"student": net}, {"student": opt}, [torch.get_rng_state()], {"step": 7, "args": {}})
+    d = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    assert load_run(ckpt, cfg, {"student": net}, {"student": opt}, d, "consistency-dcm")["step"] == 7
+    with pytest.raises(CheckpointError, match="stage 'consistency-dcm', not 'consistency-ode'"):
+        load_run(ckpt, cfg, {"student": net}, {"student": opt}, d, "consistency-ode")

@@ -172,14 +172,19 @@ def save_run(ckpt: Path, stage: str, cfg: Any, nets: dict[str, torch.nn.Module],
     save_checkpoint(ckpt, config, tensors, {"format": FORMAT, "stage": stage, **state, "world_size": len(rng), "optimizers": skels})
 
 
-def load_run(ckpt: Path, cfg: Any, nets: dict[str, torch.nn.Module], opts: dict[str, torch.optim.Optimizer], d: Dist) -> dict:
+def load_run(ckpt: Path, cfg: Any, nets: dict[str, torch.nn.Module], opts: dict[str, torch.optim.Optimizer], d: Dist,
+             stage: str | None = None) -> dict:
     """Restore networks, optimizers and this rank's RNG from a training checkpoint; returns its state.json.
-    It resumes only into networks of the same shape."""
+    It resumes only into networks of the same shape, and, given `stage`, only a checkpoint of that stage (a
+    consistency run's variant is part of its stage: the same student network trains under another objective)."""
     if read_network_config(ckpt, type(cfg)) != cfg:
         raise CheckpointError(f"{ckpt} holds a network of another shape ({read_config(ckpt).get('config')}); use a new --out or the same arguments")
     state = read_state(ckpt)
     if state is None or "step" not in state:
         raise CheckpointError(f"{ckpt} has no usable state.json (step, optimizers); it is not a training checkpoint (delete it to start over)")
+    saved = state.get("stage")  # checkpoints before format 2 did not record it
+    if stage is not None and saved is not None and saved != stage:
+        raise CheckpointError(f"{ckpt} is a checkpoint of stage {saved!r}, not {stage!r}; use a new --out (or the arguments it trained with)")
     net_groups, opt_groups = legacy_groups(read_config(ckpt)["kind"], state, nets, opts)
     for name, net in nets.items():
         load_into(net, ckpt, net_groups[name])
@@ -245,7 +250,7 @@ class Run:
             remove_stale_temps(self.ckpt)  # remove the temp folders of saves a kill cut short
         if self.ckpt.exists():
             with usage_errors("cannot resume: "):
-                self.state = load_run(self.ckpt, cfg, nets, opts, self.d)
+                self.state = load_run(self.ckpt, cfg, nets, opts, self.d, self.stage)
             self.step = self.saved_step = int(self.state["step"])
             self.wall_before = float(self.state.get("wall_s", 0.0))  # checkpoints before wall_s was recorded count 0
             if self.d.is_main:

@@ -296,12 +296,13 @@ class CausalDiT(nn.Module):
         x0 = o + prev if self.cfg.delta else o
         return (x - x0) / expand(s.clamp(min=X0_MIN_LEVEL), x).to(x.dtype)
 
-    def _body(self, x: torch.Tensor, c: torch.Tensor, attend: AttendFn) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, N, Din), c (B, T, D) -> (velocity tokens (B, T, N, Dout), pooled features (B, T, D))."""
+    def _body(self, x: torch.Tensor, c: torch.Tensor, attend: AttendFn, outputs: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """x (B, T, N, Din), c (B, T, D) -> (velocity tokens (B, T, N, Dout), or None without `outputs`; pooled
+        features (B, T, D))."""
         h = self.x_embed(x)
         for blk in self.blocks:
             h = blk(h, c, attend)
-        return self.final(h, c), h.mean(dim=2)
+        return self.final(h, c) if outputs else None, h.mean(dim=2)
 
     def read_heads(self, feats: torch.Tensor) -> Heads:
         out = self.heads(feats).float()  # (B, T, 3)
@@ -395,8 +396,10 @@ class CausalDiT(nn.Module):
         return v, self.read_heads(feats[:, :T])
 
     # ----- generation: one chunk against the KV cache -----
-    def forward_cached(self, x: torch.Tensor, s: torch.Tensor, actions: torch.Tensor, cache: KVCache, commit: bool | torch.Tensor = False) -> tuple[torch.Tensor, Heads]:
-        """x (B, F, C, h, w) one chunk, s/actions (B, F). Attends to the cache and itself.
+    def forward_cached(self, x: torch.Tensor, s: torch.Tensor, actions: torch.Tensor, cache: KVCache, commit: bool | torch.Tensor = False) -> tuple[torch.Tensor | None, Heads]:
+        """x (B, F, C, h, w) one chunk, s/actions (B, F). Attends to the cache and itself. Returns the velocity
+        and the heads; a commit pass returns no velocity (None): only its keys, values and heads are used, so the
+        output layer and the refiner do not run.
 
         With commit=True (the re-cache pass; important: it must run on the final clean chunk at s=0, or on
         that chunk noised to a context-noise level s, see `sampler.recache`), the chunk's keys/values become
@@ -408,8 +411,8 @@ class CausalDiT(nn.Module):
             raise ValueError(f"batch of {x.shape[0]} worlds does not match the cache's {cache.batch}")
         cache.begin()
         prev = cache.prev[:, None].expand_as(x) if self.cfg.uses_prev else None  # (B, F, C, h, w)
-        out, feats = self._body(self.tokens(x, s, prev), self.condition(s, actions), cache.attend)
-        v = self.velocity_out(out, x, s, prev)
+        out, feats = self._body(self.tokens(x, s, prev), self.condition(s, actions), cache.attend, outputs=commit is False)
+        v = None if out is None else self.velocity_out(out, x, s, prev)
         # the next chunk's previous frame, where the network reads one: at data scale, as in the pack (a
         # chunk committed at context-noise level s is (1 - s) x0 + s eps)
         last = x[:, -1] / expand(1 - s[:, -1], x[:, -1]).to(x.dtype) if self.cfg.uses_prev and commit is not False else None
