@@ -16,15 +16,19 @@ import torch
 
 from train.collect import CollectConfig, collect
 from train.collect import parse_args as collect_args
+from train.common import Dist
 from train.consistency import main as consistency_main
 from train.consistency import parse_args as consistency_args
 from train.dataset import list_shards, load_shard, write_shard
 from train.dmd import main as dmd_main
 from train.dmd import parse_args as dmd_args
+from train.skeleton import load_run, save_run
 from train.teacher import main as teacher_main
 from train.teacher import parse_args as teacher_args
 from train.tokenizer import main as tokenizer_main
-from worldmodel.checkpoint import save_checkpoint
+from worldmodel.checkpoint import CheckpointError, save_checkpoint
+from worldmodel.config import dit_config
+from worldmodel.dit import CausalDiT
 
 from tests.conftest import TEACHER, run
 
@@ -253,12 +257,6 @@ def test_latents_errors_name_the_stage_that_writes_them(model, data, tmp_path, c
 def test_a_checkpoint_resumes_only_into_its_own_stage(tmp_path):
     """A consistency run's variant is part of its stage: the same student network under another objective must
     not pick up the dcm run's step, optimizer and schedule silently."""
-    from train.common import Dist
-    from train.skeleton import load_run, save_run
-    from worldmodel.checkpoint import CheckpointError
-    from worldmodel.config import dit_config
-    from worldmodel.dit import CausalDiT
-
     cfg = dit_config("tiny", in_channels=4, latent_size=(4, 4), num_actions=4)
     net = CausalDiT(cfg)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
