@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=None, help="action guidance scale (default: the model's)")
     p.add_argument("--context-noise", type=float, default=None, metavar="LEVEL", help="noise level in [0, 1) every frame enters the model's context at, the start frames included "
                    "(GameNGen's context noise, for models trained with it; default: the model's)")
+    p.add_argument("--gate", type=float, default=None, metavar="P", help="change-gate threshold in [0, 1) for models trained with one (a latent cell whose "
+                   "probability of changing is below P stays the previous frame's; 0: off; default: the model's)")
     p.add_argument("--fps", type=float, default=None, help="agent steps per second (default: the game's real pace, 15 for Atari)")
     p.add_argument("--scale", type=int, default=8, help="window (and --headless video) pixels per model pixel, nearest-neighbour")
     p.add_argument("--seed", type=cli.seed, default=0, help="seed of the start frames and the model's noise")
@@ -73,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--guidance must be a finite number, got {args.guidance}")
     if args.context_noise is not None and not 0 <= args.context_noise < 1:
         p.error(f"--context-noise must lie in [0, 1), got {args.context_noise}")
+    if args.gate is not None and not 0 <= args.gate < 1:
+        p.error(f"--gate must lie in [0, 1) (0: off), got {args.gate}")
     if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
         p.error(f"--fps must be > 0, got {args.fps}")
     if args.scale < 1:
@@ -130,7 +134,7 @@ def make_adapter(args: argparse.Namespace, model: Path, random_policy: bool = Fa
     from worldmodel.checkpoint import CheckpointError
 
     try:
-        env = WorldModelEnv(model, steps=args.steps, guidance=args.guidance, device=args.device, dtype=args.dtype, context_noise=args.context_noise)
+        env = WorldModelEnv(model, steps=args.steps, guidance=args.guidance, device=args.device, dtype=args.dtype, context_noise=args.context_noise, gate=args.gate)
     except (CheckpointError, ValueError, OSError) as e:
         raise PlayError(f"cannot load the world model in {str(model)!r}: {e}\n{available_models()}") from None
     policy = PersistentRandom(int(env.action_space.n), np.random.default_rng(args.seed)) if random_policy else None
@@ -140,7 +144,7 @@ def make_adapter(args: argparse.Namespace, model: Path, random_policy: bool = Fa
     except ValueError as e:
         env.close()
         raise PlayError(str(e)) from None
-    meta = {"model": str(model), "seed": args.seed, "denoising_steps": env.wm.steps, "guidance": env.wm.guidance, "context_noise": env.wm.sampling.context_noise,
+    meta = {"model": str(model), "seed": args.seed, "denoising_steps": env.wm.steps, "guidance": env.wm.guidance, "context_noise": env.wm.sampling.context_noise, "gate": env.wm.sampling.gate if env.wm.dit.cfg.change_gate else None,
             "policy": "keyboard" if policy is None else policy.description + ("" if args.headless else ", then keyboard"),
             "command": args.command}
     return PlayAdapter(env, fps=args.fps or env.metadata["render_fps"], record_dir=args.record_dir, policy=policy, meta=meta)

@@ -402,3 +402,45 @@ def test_mlp_output_layer_writes_what_a_linear_one_cannot():
         loss.backward()
         opt.step()
     assert loss.item() < 0.05 * lin_best
+
+
+def test_change_gate_keeps_the_previous_frames_cells_and_is_the_plain_network_when_off():
+    """DiTConfig.change_gate: off (threshold 0), cached generation equals the pack, the gate's logits included;
+    on, the clean prediction of every cell the gate calls unchanged is the previous frame's, exactly, and the
+    other cells are the network's as before; the first chunk of play, which has no previous frame, is never gated."""
+    model = make_model(predict="edm", prev_frame=True, delta=True, sigma_data=0.1, change_gate=True, window_chunks=3)
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(5)
+    B, n = 2, 6
+    actions = torch.randint(0, cfg.num_actions, (B, n), generator=g)
+    clean = torch.randn(B, n, cfg.in_channels, *cfg.latent_size, generator=g)
+    noisy = torch.randn_like(clean)
+    s = torch.rand(B, n, generator=g) * 0.9 + 0.05
+    with torch.no_grad():
+        v_pack, heads = model.forward_pack(clean, noisy, torch.zeros(B, n), s, actions)
+        assert heads.change_logit.shape == (B, n, 1, *cfg.latent_size)
+        prev = model.previous_frames(clean)
+        for threshold in (0.0, 0.5):
+            model.gate_threshold = threshold
+            cache = model.new_cache(B)
+            for i in range(n):
+                sl = slice(i, i + 1)
+                v, h = model.forward_cached(noisy[:, sl], s[:, sl], actions[:, sl], cache)
+                torch.testing.assert_close(h.change_logit, heads.change_logit[:, sl], **TOL)
+                x0 = noisy[:, sl] - s[:, sl, None, None, None] * v  # the clean prediction (s above the x0 clip level)
+                x0_plain = noisy[:, sl] - s[:, sl, None, None, None] * v_pack[:, sl]
+                keep = (torch.sigmoid(h.change_logit) < threshold).expand_as(x0) & (i > 0)
+                if threshold == 0:
+                    torch.testing.assert_close(v, v_pack[:, sl], **TOL)
+                else:
+                    torch.testing.assert_close(x0[keep], prev[:, sl].expand_as(x0)[keep], **TOL)
+                    torch.testing.assert_close(x0[~keep], x0_plain[~keep], **TOL)
+                model.forward_cached(clean[:, sl], torch.zeros(B, 1), actions[:, sl], cache, commit=True)
+            if threshold:
+                assert 0 < keep.float().mean() < 1  # the gate kept some cells of the last chunk and not others
+
+
+def test_change_gate_needs_a_change_target_and_a_clean_frame_output():
+    for bad in (dict(change_gate=True), dict(change_gate=True, delta=True), dict(change_gate=True, predict="x0")):
+        with pytest.raises(ValueError, match="change_gate"):
+            dit_config("tiny", in_channels=4, latent_size=(4, 4), num_actions=4, **bad)

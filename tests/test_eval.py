@@ -180,6 +180,7 @@ def test_bad_input_is_a_clear_error(teacher, data, tmp_path, capsys):
 
     assert "--policy goes with --record-seeds" in usage_error("--data", str(data), "--policy", "random")
     assert "--context-noise must lie in [0, 1)" in usage_error("--data", str(data), "--context-noise", "1")
+    assert "--gate must lie in [0, 1)" in usage_error("--data", str(data), "--gate", "1")
     assert "--guidance must be a finite number" in usage_error("--data", str(data), "--guidance", "nan")
     assert "--policy: invalid choice: 'greedy'" in usage_error("--record-seeds", "0", "--policy", "greedy")
     assert "error: every recorded episode ended before" in fails("--model", model, "--record-seeds", "0", "--horizon", "5000")

@@ -16,8 +16,8 @@ import torch
 
 from train.latents import target_std
 from train.skeleton import Schedule
-from train.teacher import PackForward, changed, flow_loss, own_context, parse_args
-from worldmodel.config import dit_config
+from train.teacher import PackForward, changed, flow_loss, gate_loss, own_context, parse_args
+from worldmodel.config import SamplingConfig, dit_config
 from worldmodel.dit import CausalDiT
 from worldmodel.config import X0_MIN_LEVEL
 from worldmodel.flow import x0_from_velocity
@@ -182,7 +182,8 @@ def test_schedule_follows_the_wall_budget():
 def test_bad_lever_flags_are_refused():
     base = ["--data", "d", "--tokenizer", "t", "--out", "o"]
     for bad in (["--change-weight", "-1"], ["--change-weight", "nan"], ["--change-threshold", "0"], ["--level-mean", "inf"],
-                ["--max-minutes", "0"], ["--patch-size", "0"], ["--own-context", "1.5"], ["--own-context", "-0.1"], ["--sigma-data", "0"], ["--sigma-data", "nan"], ["--predict", "eps"], ["--time-scale", "0"], ["--time-scale", "inf"], ["--sigma-data", "0.1"], ["--out-hidden", "-1"]):  # --sigma-data 0.1 without --predict edm
+                ["--max-minutes", "0"], ["--patch-size", "0"], ["--own-context", "1.5"], ["--own-context", "-0.1"], ["--sigma-data", "0"], ["--sigma-data", "nan"], ["--predict", "eps"], ["--time-scale", "0"], ["--time-scale", "inf"], ["--sigma-data", "0.1"], ["--out-hidden", "-1"],
+                ["--change-gate"], ["--change-gate", "--delta"], ["--gate-weight", "0"], ["--gate-weight", "nan"]):  # --sigma-data 0.1 without --predict edm
         with pytest.raises(SystemExit) as e:
             parse_args(base + bad)
         assert e.value.code == 2
@@ -190,23 +191,26 @@ def test_bad_lever_flags_are_refused():
 
 def test_teacher_with_every_lever_trains_exports_and_plays(data, tokenizer, tmp_path):
     """prev frame + change target + change weight + level shift + 1x1 patches + own-prediction context + EDM output
-    + pixel refiner + time scale + MLP output layer."""
+    + pixel refiner + time scale + MLP output layer + change gate."""
     out = tmp_path / "run"
-    levers = ("--prev-frame", "--delta", "--change-weight", "20", "--level-mean", "0.5", "--patch-size", "1", "--own-context", "0.5", "--predict", "edm", "--refine", "4", "--time-scale", "5", "--out-hidden", "24")
+    levers = ("--prev-frame", "--delta", "--change-weight", "20", "--level-mean", "0.5", "--patch-size", "1", "--own-context", "0.5", "--predict", "edm", "--refine", "4", "--time-scale", "5", "--out-hidden", "24", "--change-gate", "--gate-weight", "2")
     run("-m", "train.teacher", "--data", str(data), "--tokenizer", str(tokenizer), "--out", str(out), *TEACHER, *levers, "--steps", "3")
     cfg = json.loads((out / "model" / "dit" / "config.json").read_text())["config"]
     assert cfg["prev_frame"] and cfg["delta"] and cfg["patch_size"] == 1 and cfg["predict"] == "edm" and cfg["refine"] == 4 and cfg["pixel_patch"] > 0
-    assert cfg["time_scale"] == 5 and cfg["out_hidden"] == 24
+    assert cfg["time_scale"] == 5 and cfg["out_hidden"] == 24 and cfg["change_gate"]
+    assert "gate" not in json.loads((out / "model" / "config.json").read_text())["sampling"]  # the default threshold, 0.5
     assert "context_noise" not in json.loads((out / "model" / "config.json").read_text())["sampling"]  # unset: readable by code older than the field
     assert cfg["sigma_data"] == pytest.approx(target_std(sorted((out / "latents" / "train").glob("*.npz")), True, cfg["frames_per_chunk"]), rel=1e-4)  # measured
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 3 and all(0 < r["changed_weight_share"] < 1 and np.isfinite(r["loss/flow_weighted"]) for r in log)
+    assert all(np.isfinite(r["loss/gate"]) and 0 < r["gate/changed_cells"] < 1 for r in log)
 
     card = (out / "model" / "README.md").read_text()
     cmd = next(line.strip() for line in card.splitlines() if line.strip().startswith("python -m train.teacher"))
     again = parse_args(shlex.split(cmd)[3:])  # the card's command reproduces the run's arguments
     assert again.prev_frame and again.delta and again.change_weight == 20 and again.patch_size == 1 and again.level_mean == 0.5 and again.own_context == 0.5
     assert again.predict == "edm" and again.sigma_data == cfg["sigma_data"] and again.refine == 4 and again.time_scale == 5 and again.out_hidden == 24
+    assert again.change_gate and again.gate_weight == 2
     # the card's EDM command (sigma_data given) starts a fresh run from the model with --init
     p = run("-m", "train.teacher", "--data", str(data), "--tokenizer", str(tokenizer), "--out", str(tmp_path / "again"), *TEACHER, *levers,
             "--sigma-data", str(cfg["sigma_data"]), "--init", str(out / "model"), "--steps", "1")
@@ -220,6 +224,19 @@ def test_teacher_with_every_lever_trains_exports_and_plays(data, tokenizer, tmp_
     wm.reset(frames[0], actions[0], seed=0)
     np.testing.assert_array_equal(a, wm.step(1))
     assert a.shape == (1, 64, 64, 3)
+    off = WorldModel.load(out / "model", gate=0.0)  # the gate switched off at play
+    assert off.dit.gate_threshold == 0 and wm.dit.gate_threshold == 0.5
+    off.reset(frames[0], actions[0], seed=0)
+    assert off.step(1).shape == (1, 64, 64, 3)
+    from envs.vector_env import WorldModelVectorEnv
+    from envs.world_env import WorldModelEnv
+    from play import make_adapter, parse_args as play_args
+    assert WorldModelEnv(out / "model", gate=0.3).wm.dit.gate_threshold == 0.3 and WorldModelVectorEnv(2, model=out / "model", gate=0.0).wm.dit.gate_threshold == 0
+    adapter = make_adapter(play_args(["--model", str(out / "model"), "--gate", "0.2"]), out / "model", random_policy=True)
+    assert adapter.env.wm.dit.gate_threshold == 0.2 and adapter.meta["gate"] == 0.2
+    adapter.env.close()
+    with pytest.raises(SystemExit):
+        play_args(["--gate", "1"])
 
 
 def test_wall_budget_stops_the_run_with_a_checkpoint(data, tokenizer, tmp_path):
@@ -339,3 +356,28 @@ def test_refiner_configs_are_checked():
     for bad in (["--refine", "-1"], ["--refine", "8"]):  # the second with the default velocity prediction
         with pytest.raises(SystemExit):
             parse_args(base_args + bad)
+
+
+def test_gate_loss_targets_the_cells_that_change_after_the_first_chunk():
+    """The change gate's target is a latent cell that moves in any channel by more than the threshold from the
+    previous frame; frames of the first chunk (no previous frame) are left out. A gate that says exactly that
+    has a lower loss than one that says the opposite, recall and precision 1."""
+    x = window_with_a_moving_dot()  # (1, 3, 2, 4, 4): the dot lights (1, 1) in frame 1, moves to (1, 2) in frame 2
+    want = torch.zeros(1, 2, 1, 4, 4, dtype=torch.bool)  # frames 1 and 2
+    want[0, 0, 0, 1, 1] = True
+    want[0, 1, 0, 1, 1] = want[0, 1, 0, 1, 2] = True
+    right = torch.where(want, 6.0, -6.0)
+    logit = torch.cat([torch.full((1, 1, 1, 4, 4), 6.0), right], dim=1)  # frame 0 says "changed" everywhere: not counted
+    loss, parts = gate_loss(logit, x, frames_per_chunk=1, threshold=0.05)
+    wrong, _ = gate_loss(-logit, x, frames_per_chunk=1, threshold=0.05)
+    assert loss < 0.01 < wrong and parts["gate/recall"] == 1 and parts["gate/precision"] == 1
+    assert parts["gate/changed_cells"] == pytest.approx(3 / 32)
+    below, parts = gate_loss(logit, x * 0.04, frames_per_chunk=1, threshold=0.05)  # a move below the threshold is no change
+    assert parts["gate/changed_cells"] == 0 and below > 0.5
+
+
+def test_sampling_gate_threshold_is_checked_and_written_only_when_set():
+    assert "gate" not in SamplingConfig().to_json() and SamplingConfig(gate=0).to_json()["gate"] == 0
+    for bad in (1.0, -0.1, True, float("nan"), "0.5"):
+        with pytest.raises(ValueError, match="gate"):
+            SamplingConfig(gate=bad)

@@ -107,7 +107,8 @@ PARTIAL_LEVELS, PARTIAL_STEPS = (1.0, 0.4, 0.2), 8  # partial denoising: noise l
 @dataclass(frozen=True)
 class ModelSpec:
     """One --model: a world-model folder, its denoising steps (None: the model's own), a label, the
-    precision it runs in, its context-noise level and its action guidance scale (None: the model's own)."""
+    precision it runs in, its context-noise level, its action guidance scale and its change-gate threshold
+    (None: the model's own)."""
 
     name: str
     path: Path
@@ -115,6 +116,7 @@ class ModelSpec:
     dtype: str = "float32"
     context_noise: float | None = None
     guidance: float | None = None
+    gate: float | None = None
 
 
 def parse_spec(text: str) -> ModelSpec:
@@ -158,7 +160,7 @@ def check_specs(specs: Sequence[ModelSpec]) -> dict:
 
 def load_model(spec: ModelSpec, batch: int) -> WorldModel:
     """The spec's world model for `batch` worlds, at its denoising steps; one frame per chunk only."""
-    wm = WorldModel.load(spec.path, steps=spec.steps, batch=batch, dtype=spec.dtype, context_noise=spec.context_noise, guidance=spec.guidance)
+    wm = WorldModel.load(spec.path, steps=spec.steps, batch=batch, dtype=spec.dtype, context_noise=spec.context_noise, guidance=spec.guidance, gate=spec.gate)
     if wm.frames_per_chunk != 1:
         raise ValueError(f"{spec.name}: evaluate drives one action per step and supports models with one frame per chunk; this one has {wm.frames_per_chunk}")
     return wm
@@ -345,6 +347,7 @@ def evaluate_model(spec: ModelSpec, ref: Reference, real_game: dict, seed: int) 
                     "paddle_response_random_actions": paddle_response(ref.probe(rand_gen)["paddle_x"], ref.start_paddle, ref.rand_actions, ref.directions)}
     m = {
         "path": str(spec.path), "denoising_steps": wm.steps, "guidance": wm.guidance, "solver": wm.sampling.solver, "context_noise": wm.sampling.context_noise,
+        "change_gate": wm.sampling.gate if wm.dit.cfg.change_gate else None,
         "nfe_per_step": wm.steps * (2 if wm.guidance != 1 else 1) + 1,
         "tokenizer_recon_psnr": psnr_of(mse(recon, flat.numpy())),
         "one_step_psnr": psnr_of(mse(tf_gen, ref.real)), "one_step_ssim": float(ssim(tf_gen, ref.real).mean()),
@@ -436,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context-noise", type=float, default=None, metavar="LEVEL", help="commit every chunk to the models' caches noised to LEVEL in [0, 1) "
                    "(GameNGen's context noise at play time, for models trained with --ctx-noise; default: the model's, 0 unless set)")
     p.add_argument("--guidance", type=float, default=None, metavar="SCALE", help="action guidance scale of every model (1: none; default: the model's)")
+    p.add_argument("--gate", type=float, default=None, metavar="P", help="change-gate threshold of every model trained with one (train.teacher "
+                   "--change-gate): a latent cell whose probability of changing is below P is the previous frame's; 0: off (default: the model's, 0.5)")
     p.add_argument("--videos", type=int, default=2, help="side-by-side videos per model")
     p.add_argument("--seed", type=cli.seed, default=0, help="seeds the clips of --data, the controllability actions and the models' noise")
     args = p.parse_args(argv)
@@ -447,13 +452,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--guidance must be a finite number, got {args.guidance}")
     if args.context_noise is not None and not 0 <= args.context_noise < 1:
         p.error(f"--context-noise must lie in [0, 1), got {args.context_noise}")
+    if args.gate is not None and not 0 <= args.gate < 1:
+        p.error(f"--gate must lie in [0, 1) (0: off), got {args.gate}")
     if args.game is not None and args.data is not None:
         p.error("--game goes with --record-seeds (a dataset names its game)")
     if args.policy is not None and args.data is not None:
         p.error("--policy goes with --record-seeds (a dataset was played by its own policy)")
     try:
         specs = [parse_spec(s) for s in args.model]
-        specs = [ModelSpec(s.name, s.path, s.steps if s.steps is not None else args.steps, s.dtype, args.context_noise, args.guidance) for s in specs]
+        specs = [ModelSpec(s.name, s.path, s.steps if s.steps is not None else args.steps, s.dtype, args.context_noise, args.guidance, args.gate) for s in specs]
         info = check_specs(specs)
         length = args.context + args.horizon
         if args.data is not None:

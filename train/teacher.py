@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from train.dataset import read_meta
@@ -34,7 +35,7 @@ from train.skeleton import Run, Schedule, UsageError, check_positive, export_wor
 from worldmodel import cli
 from worldmodel.checkpoint import CheckpointError, load_state, load_tensors
 from worldmodel.config import DIT_PRESETS, PREDICTIONS, DiTConfig, SamplingConfig, dit_config, to_dict
-from worldmodel.dit import CausalDiT
+from worldmodel.dit import CausalDiT, previous_frames
 from worldmodel.flow import add_noise, sample_levels, velocity, x0_from_velocity
 from worldmodel.tokenizer import FrameTokenizer
 
@@ -70,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init", default=None, metavar="PATH", help="start a fresh run from these weights: a training checkpoint (RUN/checkpoint), an exported model (RUN/model) or its dit/ folder; the network must have the same shape, except that a refiner the source lacks starts as the identity; a re-run with RUN/checkpoint present resumes from that instead")
     p.add_argument("--change-weight", type=float, default=0.0, help="extra flow-loss weight of latent elements that change from the previous frame (0: plain MSE)")
     p.add_argument("--change-threshold", type=float, default=0.05, help="an element changes when it moves by more than this (normalised latent units)")
+    p.add_argument("--change-gate", action="store_true", help="a head that decides, per latent cell, whether it changes from the previous frame; generation keeps the previous frame's cell where it says no (Delta-IRIS's idea, per cell; needs --delta and --predict x0 or edm)")
+    p.add_argument("--gate-weight", type=float, default=1.0, help="weight of the change gate's cross-entropy (with --change-gate)")
     p.add_argument("--level-mean", type=float, default=0.0, help="mean of the logit-normal training noise levels; > 0 shifts training toward high noise")
     p.add_argument("--max-minutes", type=float, default=None, help="wall-time budget (all resumed parts): stop and export when it is spent; the schedule then follows whichever of --steps and this runs out first")
     p.add_argument("--sample-steps", type=int, default=8, help="denoising steps the exported model samples with")
@@ -102,6 +105,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--refine corrects a predicted clean frame: it needs --predict x0 or edm")
     if not (math.isfinite(args.change_weight) and args.change_weight >= 0) or not (math.isfinite(args.change_threshold) and args.change_threshold > 0):
         p.error("--change-weight must be >= 0 and --change-threshold > 0 (finite)")
+    if args.change_gate and not (args.delta and args.predict != "velocity"):
+        p.error("--change-gate keeps cells of the previous frame: it needs --delta and --predict x0 or edm")
+    if not (math.isfinite(args.gate_weight) and args.gate_weight > 0):
+        p.error(f"--gate-weight must be a positive number, got {args.gate_weight}")
     if not math.isfinite(args.level_mean):
         p.error("--level-mean must be finite")
     if args.max_minutes is not None and not (math.isfinite(args.max_minutes) and args.max_minutes > 0):
@@ -130,6 +137,21 @@ def flow_loss(v: torch.Tensor, target: torch.Tensor, x0: torch.Tensor, change_we
     weighted = (w * se).sum() / w.sum()
     share = (w * moved).sum() / w.sum()
     return weighted, {"loss/flow": plain.item(), "loss/flow_weighted": weighted.item(), "changed_fraction": moved.mean().item(), "changed_weight_share": share.item()}
+
+
+def gate_loss(logit: torch.Tensor, x0: torch.Tensor, frames_per_chunk: int, threshold: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """The change gate's cross-entropy: logits (B, T, 1, h, w) against the latent cells of the real window x0
+    (B, T, C, h, w) that change from the previous frame (any channel by more than `threshold`), over the frames
+    after the first chunk (the first has no previous frame). Also logs the share of cells that change and the
+    gate's recall and precision at probability 0.5."""
+    prev = previous_frames(x0, frames_per_chunk)
+    target = ((x0 - prev).abs().amax(dim=2, keepdim=True) > threshold)[:, frames_per_chunk:]
+    z = logit[:, frames_per_chunk:].float()
+    loss = F.binary_cross_entropy_with_logits(z, target.float())
+    said = z > 0
+    tp = (said & target).sum().item()
+    return loss, {"loss/gate": loss.item(), "gate/changed_cells": target.float().mean().item(),
+                  "gate/recall": tp / max(target.sum().item(), 1), "gate/precision": tp / max(said.sum().item(), 1)}
 
 
 def own_context(model: torch.nn.Module, x0: torch.Tensor, a: torch.Tensor, share: float, g: torch.Generator, level_mean: float = 0.0,
@@ -185,7 +207,12 @@ def teacher_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], args: a
     v, heads = model(clean, noisy, s_ctx, s, a, noisy_a)
     flow, flow_parts = flow_loss(v, velocity(x0, eps), x0, args.change_weight, args.change_threshold)
     l_heads, head_parts = head_loss(heads, batch["rewards"], batch["terminated"])
-    return flow + args.head_weight * l_heads, {**flow_parts, **head_parts}
+    loss = flow + args.head_weight * l_heads
+    if heads.change_logit is not None:
+        l_gate, gate_parts = gate_loss(heads.change_logit, x0, Fc, args.change_threshold)
+        loss = loss + getattr(args, "gate_weight", 1.0) * l_gate
+        head_parts.update(gate_parts)
+    return loss, {**flow_parts, **head_parts}
 
 
 def init_source(path: Path, cfg: DiTConfig, ignore: tuple[str, ...] = ()) -> tuple[Path, bool]:
@@ -247,6 +274,8 @@ def train(args: argparse.Namespace) -> int:
     shape = {} if args.patch_size is None else {"patch_size": args.patch_size}
     if args.out_hidden:
         shape["out_hidden"] = args.out_hidden
+    if args.change_gate:
+        shape["change_gate"] = True
     if args.refine:
         if tok_cfg.kind != "patch":
             raise UsageError(f"--refine works on pixels: it needs the patch tokenizer (train.tokenizer --kind patch), not {tok_cfg.kind!r}")
@@ -319,7 +348,8 @@ def card(args: argparse.Namespace, meta: dict, n_params: int, step: int, wall: f
         f"flow loss change weight {args.change_weight} (threshold {args.change_threshold}); logit-normal level mean {args.level_mean}; "
         f"own-prediction context (error recycling) on {getattr(args, 'own_context', 0.0):.0%} of windows",
         f"Output layer: {f'MLP of {args.out_hidden} hidden units' if getattr(args, 'out_hidden', 0) else 'linear'}; "
-        f"pixel refiner: {f'{args.refine} hidden channels' if getattr(args, 'refine', 0) else 'none'}" + (f"; initialised from {args.init}" if getattr(args, "init", None) else ""),
+        f"pixel refiner: {f'{args.refine} hidden channels' if getattr(args, 'refine', 0) else 'none'}; "
+        f"change gate: {f'yes (cross-entropy weight {args.gate_weight})' if getattr(args, 'change_gate', False) else 'no'}" + (f"; initialised from {args.init}" if getattr(args, "init", None) else ""),
         f"Samples with {args.sample_steps} Euler steps by default",
     ], "train.teacher", args)
 

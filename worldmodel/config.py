@@ -125,6 +125,14 @@ class DiTConfig:
     # too faint and speckle around them. A hidden width >= p*p*C makes the map full-rank (and nonlinear), at the
     # cost of one more matrix per token. Its last layer starts at zero, as DiT's output layer does.
     out_hidden: int = 0
+    # A change gate (Delta-IRIS's idea, that a frame should carry only what the previous frame cannot predict,
+    # as a decision per latent cell): a head beside the output layer gives, for each cell of each frame, the
+    # logit that the cell changes from the previous frame. In generation a cell whose probability is below the
+    # threshold (`CausalDiT.gate_threshold`) is the previous frame's, exactly, instead of the network's
+    # regression of it: the faint haze and speckle a regression leaves where nothing moves cannot enter the
+    # frame, so it cannot compound in a free rollout. Trained by cross-entropy against the cells that really
+    # change (train.teacher --change-gate); the flow loss is unchanged. Needs `delta` and a clean-frame output.
+    change_gate: bool = False
 
     def __post_init__(self) -> None:
         self.latent_size = tuple(self.latent_size)
@@ -153,6 +161,8 @@ class DiTConfig:
             raise ValueError("refine needs latents that are pixel patches (pixel_patch > 0: the patch tokenizer)")
         if self.refine and self.predict == "velocity":
             raise ValueError("refine corrects a predicted clean frame: it needs predict 'x0' or 'edm', not 'velocity'")
+        if self.change_gate and not (self.delta and self.predict != "velocity"):
+            raise ValueError("change_gate keeps cells of the previous frame: it needs delta and predict 'x0' or 'edm'")
 
     @property
     def uses_prev(self) -> bool:
@@ -200,6 +210,9 @@ class SamplingConfig:
     solver: str = "euler"
     # the level each chunk enters the KV cache at, noised to it (GameNGen's context noise at play time); 0 is clean
     context_noise: float = 0.0
+    # the change gate's threshold (models trained with DiTConfig.change_gate): a latent cell whose probability of
+    # changing is below it is the previous frame's; 0 switches the gate off. Models without a gate ignore it.
+    gate: float = 0.5
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not (isinstance(self.steps, (int, float)) and math.isfinite(self.steps) and int(self.steps) == self.steps and self.steps >= 1):
@@ -213,13 +226,18 @@ class SamplingConfig:
         if isinstance(self.context_noise, bool) or not (isinstance(self.context_noise, numbers.Real) and 0 <= self.context_noise < 1):
             raise ValueError(f"the context-noise level must be a number in [0, 1), got {self.context_noise!r}")
         self.context_noise = float(self.context_noise)
+        if isinstance(self.gate, bool) or not (isinstance(self.gate, numbers.Real) and 0 <= self.gate < 1):
+            raise ValueError(f"the change gate's threshold must be a probability in [0, 1) (0: off), got {self.gate!r}")
+        self.gate = float(self.gate)
 
     def to_json(self) -> dict[str, Any]:
-        """The settings as written to a model's config.json; context_noise only when set, so that model folders
-        without it read the same in code that predates the field."""
+        """The settings as written to a model's config.json; context_noise and gate only when not their
+        defaults, so that model folders without them read the same in code that predates the fields."""
         d = to_dict(self)
         if not d["context_noise"]:
             del d["context_noise"]
+        if d["gate"] == 0.5:
+            del d["gate"]
         return d
 
 

@@ -113,6 +113,9 @@ class Heads:
     reward_logit: torch.Tensor  # (B, T) logit of "this step paid a nonzero reward"
     reward_value: torch.Tensor  # (B, T) the reward's value given that it is nonzero
     end_logit: torch.Tensor  # (B, T) logit of "the episode ended at this step"
+    # (B, T, 1, h, w) logit, per latent cell of the denoised frames, that the cell changes from the previous
+    # frame (DiTConfig.change_gate; None without it). From the pack: the noisy stream's, for its loss.
+    change_logit: torch.Tensor | None = None
 
     @property
     def reward(self) -> torch.Tensor:
@@ -179,6 +182,10 @@ class CausalDiT(nn.Module):
         self.final = FinalLayer(D, cfg.in_channels * p * p, cfg.out_hidden)
         self.heads = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, cfg.head_hidden), nn.SiLU(), nn.Linear(cfg.head_hidden, 3))
         self.refiner = PixelRefiner(cfg.pixel_patch, cfg.refine) if cfg.refine else None
+        self.gate = nn.Sequential(nn.LayerNorm(D, eps=1e-6), nn.Linear(D, p * p)) if cfg.change_gate else None
+        # generation keeps the previous frame's cell where the gate's probability of a change is below this
+        # (0: the gate is off and every cell is the network's); set by the runtime from SamplingConfig.gate
+        self.gate_threshold = 0.5
         self._block_masks: dict = {}  # flex-attention masks of the pack, by (chunks, device)
         self.initialize_weights()
 
@@ -212,6 +219,8 @@ class CausalDiT(nn.Module):
         with torch.no_grad():
             self.heads[-1].bias[0] = prior_logit  # reward_logit
             self.heads[-1].bias[2] = prior_logit  # end_logit
+            if self.gate is not None:  # a cell changes rarely too
+                self.gate[-1].bias.fill_(prior_logit)
 
     # ----- tokens <-> latents -----
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
@@ -223,10 +232,10 @@ class CausalDiT(nn.Module):
         x = x.reshape(B, T, C, h // p, p, w // p, p).permute(0, 1, 3, 5, 2, 4, 6)  # (B, T, gh, gw, C, p, p)
         return x.reshape(B, T, (h // p) * (w // p), C * p * p)
 
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, N, C*p*p) -> (B, T, C, h, w)."""
+    def unpatchify(self, x: torch.Tensor, channels: int | None = None) -> torch.Tensor:
+        """(B, T, N, C*p*p) -> (B, T, C, h, w); C is the latents' channels unless `channels` says otherwise."""
         B, T, N, _ = x.shape
-        p, C = self.cfg.patch_size, self.cfg.in_channels
+        p, C = self.cfg.patch_size, channels or self.cfg.in_channels
         gh, gw = self.cfg.grid
         x = x.reshape(B, T, gh, gw, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)  # (B, T, C, gh, p, gw, p)
         return x.reshape(B, T, C, gh * p, gw * p)
@@ -242,10 +251,7 @@ class CausalDiT(nn.Module):
     def previous_frames(self, x: torch.Tensor) -> torch.Tensor:
         """Each frame's previous frame in a sequence x (B, T, C, h, w): the last frame of the chunk before its
         own (zeros for the first chunk), (B, T, C, h, w). The KV cache keeps the same at play time."""
-        Fc = self.cfg.frames_per_chunk
-        last = x[:, Fc - 1::Fc]  # (B, n, C, h, w)
-        before = torch.cat([torch.zeros_like(last[:, :1]), last[:, :-1]], dim=1)  # (B, n, C, h, w)
-        return before.repeat_interleave(Fc, dim=1)  # (B, T, C, h, w)
+        return previous_frames(x, self.cfg.frames_per_chunk)
 
     def tokens(self, x: torch.Tensor, s: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
         """Input tokens (B, T, N, Din) of latents x (B, T, C, h, w) at levels s (B, T), with each frame's
@@ -279,10 +285,11 @@ class CausalDiT(nn.Module):
         s = s.float()
         return (s**2 + sd**2 * (1 - s) ** 2).sqrt()
 
-    def velocity_out(self, out: torch.Tensor, x: torch.Tensor, s: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
+    def velocity_out(self, out: torch.Tensor, x: torch.Tensor, s: torch.Tensor, prev: torch.Tensor | None, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Output tokens (B, T, N, C*p*p) of the noisy frames x (B, T, C, h, w) at levels s (B, T) -> velocity
         (B, T, C, h, w). With `delta` the network predicts the change (its velocity eps - (x0 - prev), or
-        x0 - prev), so prev is taken off (added back) to give the frame's."""
+        x0 - prev), so prev is taken off (added back) to give the frame's. `keep` (B, T, 1, h, w) bool: latent
+        cells whose clean prediction is the previous frame's (the change gate, see `gate_keep`)."""
         o = self.unpatchify(out)
         if self.cfg.predict == "velocity":
             return o - prev if self.cfg.delta else o
@@ -294,15 +301,29 @@ class CausalDiT(nn.Module):
         if self.refiner is not None:
             o = self.refiner(o, noisy, prev, s)
         x0 = o + prev if self.cfg.delta else o
+        if keep is not None:
+            x0 = torch.where(keep, prev, x0)
         return (x - x0) / expand(s.clamp(min=X0_MIN_LEVEL), x).to(x.dtype)
 
-    def _body(self, x: torch.Tensor, c: torch.Tensor, attend: AttendFn, outputs: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def _body(self, x: torch.Tensor, c: torch.Tensor, attend: AttendFn, outputs: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """x (B, T, N, Din), c (B, T, D) -> (velocity tokens (B, T, N, Dout), or None without `outputs`; pooled
-        features (B, T, D))."""
+        features (B, T, D); the change gate's logits (B, T, 1, h, w), or None without the gate or `outputs`)."""
         h = self.x_embed(x)
         for blk in self.blocks:
             h = blk(h, c, attend)
-        return self.final(h, c) if outputs else None, h.mean(dim=2)
+        if not outputs:
+            return None, h.mean(dim=2), None
+        gate = None if self.gate is None else self.unpatchify(self.gate(h).float(), channels=1)
+        return self.final(h, c), h.mean(dim=2), gate
+
+    def gate_keep(self, gate: torch.Tensor | None, prev: torch.Tensor | None) -> torch.Tensor | None:
+        """The cells (B, T, 1, h, w) bool that generation takes from the previous frame: the gate's probability
+        of a change below `gate_threshold`, in frames that have a previous frame (the first chunk of play has
+        none: its prev is zeros). None when there is no gate or it is switched off (threshold 0)."""
+        if gate is None or self.gate_threshold <= 0:
+            return None
+        has_prev = prev.flatten(2).abs().amax(-1) > 0  # (B, T)
+        return (torch.sigmoid(gate) < self.gate_threshold) & has_prev[:, :, None, None, None]
 
     def read_heads(self, feats: torch.Tensor) -> Heads:
         out = self.heads(feats).float()  # (B, T, 3)
@@ -391,9 +412,12 @@ class CausalDiT(nn.Module):
             k2 = torch.cat([torch.where(is_sink, zero, ka), torch.where(is_sink, ka, zero)], dim=-1)
             return attention(q2, k2, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]))
 
-        out, feats = self._body(x, c, attend)
+        out, feats, gate = self._body(x, c, attend)
         v = self.velocity_out(out[:, T:], noisy, s_noisy, prev)
-        return v, self.read_heads(feats[:, :T])
+        heads = self.read_heads(feats[:, :T])
+        if gate is not None:
+            heads.change_logit = gate[:, T:]
+        return v, heads
 
     # ----- generation: one chunk against the KV cache -----
     def forward_cached(self, x: torch.Tensor, s: torch.Tensor, actions: torch.Tensor, cache: KVCache, commit: bool | torch.Tensor = False) -> tuple[torch.Tensor | None, Heads]:
@@ -411,8 +435,8 @@ class CausalDiT(nn.Module):
             raise ValueError(f"batch of {x.shape[0]} worlds does not match the cache's {cache.batch}")
         cache.begin()
         prev = cache.prev[:, None].expand_as(x) if self.cfg.uses_prev else None  # (B, F, C, h, w)
-        out, feats = self._body(self.tokens(x, s, prev), self.condition(s, actions), cache.attend, outputs=commit is False)
-        v = None if out is None else self.velocity_out(out, x, s, prev)
+        out, feats, gate = self._body(self.tokens(x, s, prev), self.condition(s, actions), cache.attend, outputs=commit is False)
+        v = None if out is None else self.velocity_out(out, x, s, prev, keep=self.gate_keep(gate, prev))
         # the next chunk's previous frame, where the network reads one: at data scale, as in the pack (a
         # chunk committed at context-noise level s is (1 - s) x0 + s eps)
         last = x[:, -1] / expand(1 - s[:, -1], x[:, -1]).to(x.dtype) if self.cfg.uses_prev and commit is not False else None
@@ -420,11 +444,22 @@ class CausalDiT(nn.Module):
             cache.commit(commit, last_frame=last)
         elif commit:
             cache.commit(last_frame=last)
-        return v, self.read_heads(feats)
+        heads = self.read_heads(feats)
+        heads.change_logit = gate
+        return v, heads
 
     def new_cache(self, batch: int) -> KVCache:
         p = next(self.parameters())
         return KVCache(self.cfg, batch, device=p.device, dtype=p.dtype)
+
+
+def previous_frames(x: torch.Tensor, frames_per_chunk: int) -> torch.Tensor:
+    """Each frame's previous frame in a sequence x (B, T, C, h, w) of chunks of `frames_per_chunk` frames: the
+    last frame of the chunk before its own (zeros for the first chunk), (B, T, C, h, w)."""
+    Fc = frames_per_chunk
+    last = x[:, Fc - 1::Fc]  # (B, n, C, h, w)
+    before = torch.cat([torch.zeros_like(last[:, :1]), last[:, :-1]], dim=1)  # (B, n, C, h, w)
+    return before.repeat_interleave(Fc, dim=1)  # (B, T, C, h, w)
 
 
 # ----- the checkpoint folder -----

@@ -67,7 +67,7 @@ class WorldModel:
     """Holds the DiT, the tokenizer and a KV cache for `batch` worlds."""
 
     def __init__(self, dit: CausalDiT, tokenizer: FrameTokenizer, info: dict[str, Any], *, steps: int | None = None, guidance: float | None = None, batch: int = 1,
-                 context_noise: float | None = None) -> None:
+                 context_noise: float | None = None, gate: float | None = None) -> None:
         if tuple(tokenizer.cfg.latent_size) != tuple(dit.cfg.latent_size) or tokenizer.cfg.channels != dit.cfg.in_channels:
             raise ValueError(f"tokenizer latents {tokenizer.cfg.channels}x{tokenizer.cfg.latent_size} do not match the DiT's {dit.cfg.in_channels}x{dit.cfg.latent_size}")
         self.dit, self.tokenizer, self.info = dit, tokenizer, info
@@ -75,8 +75,9 @@ class WorldModel:
             sampling = from_dict(SamplingConfig, info["sampling"])
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"the world model's sampling settings (config.json 'sampling') are missing or invalid: {e!r}") from None
-        overrides = {k: v for k, v in (("steps", steps), ("guidance", guidance), ("context_noise", context_noise)) if v is not None}
+        overrides = {k: v for k, v in (("steps", steps), ("guidance", guidance), ("context_noise", context_noise), ("gate", gate)) if v is not None}
         self.sampling = dataclasses.replace(sampling, **overrides)  # validates the overrides too
+        dit.gate_threshold = self.sampling.gate  # the change gate, for networks that have one
         self.steps, self.guidance = self.sampling.steps, self.sampling.guidance
         self.levels = sampling_levels(self.steps, self.sampling.shift)
         self.batch = batch
@@ -94,10 +95,10 @@ class WorldModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu", steps: int | None = None, guidance: float | None = None, batch: int = 1, dtype: str | torch.dtype | None = None,
-             context_noise: float | None = None) -> "WorldModel":
+             context_noise: float | None = None, gate: float | None = None) -> "WorldModel":
         """Load a world-model folder for inference. `dtype` ("float32", the default, or "bfloat16" / "float16")
         is the precision of the DiT, its KV cache and the tokenizer's VAE; noise levels, rotary phases, solver
-        updates and heads stay float32. `steps`, `guidance`, `context_noise` override the model's sampling settings."""
+        updates and heads stay float32. `steps`, `guidance`, `context_noise`, `gate` override the model's sampling settings."""
         dt = resolve_dtype(dtype)
         path = Path(path)
         info = read_config(path)
@@ -110,7 +111,7 @@ class WorldModel:
         meanings = info.get("action_meanings")
         if not isinstance(meanings, list) or len(meanings) != dit.cfg.num_actions:
             raise CheckpointError(f"{str(path)!r}: config.json names {meanings!r} as actions but the DiT has {dit.cfg.num_actions}")
-        return cls(dit, tok, info, steps=steps, guidance=guidance, batch=batch, context_noise=context_noise)
+        return cls(dit, tok, info, steps=steps, guidance=guidance, batch=batch, context_noise=context_noise, gate=gate)
 
     # ----- properties -----
     @property
