@@ -55,8 +55,8 @@ def test_cached_generation_equals_full_forward(frames_per_chunk, sinks, window, 
     calls: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # (chunk, level, input, output)
     orig = model.forward_cached
 
-    def spy(x, t, a, c, commit=False):
-        v, h = orig(x, t, a, c, commit)
+    def spy(x, t, a, c, commit=False, gate=False):
+        v, h = orig(x, t, a, c, commit, gate)
         if not commit:
             calls.append((int(c.n_chunks[0]), float(t[0, 0]), x.clone(), v.clone()))
         return v, h
@@ -99,8 +99,8 @@ def test_context_noise_at_play_equals_the_pack_with_noised_context(inputs):
     committed, calls, heads_cached, clean = [], [], [], []
     orig = model.forward_cached
 
-    def spy(x, t, a, c, commit=False):
-        v, h = orig(x, t, a, c, commit)
+    def spy(x, t, a, c, commit=False, gate=False):
+        v, h = orig(x, t, a, c, commit, gate)
         if commit is not False:
             assert v is None  # a commit pass runs neither the output layer nor the refiner
             committed.append((float(t[0, 0]), x.clone()))
@@ -425,7 +425,7 @@ def test_change_gate_keeps_the_previous_frames_cells_and_is_the_plain_network_wh
             cache = model.new_cache(B)
             for i in range(n):
                 sl = slice(i, i + 1)
-                v, h = model.forward_cached(noisy[:, sl], s[:, sl], actions[:, sl], cache)
+                v, h = model.forward_cached(noisy[:, sl], s[:, sl], actions[:, sl], cache, gate=True)
                 torch.testing.assert_close(h.change_logit, heads.change_logit[:, sl], **TOL)
                 x0 = noisy[:, sl] - s[:, sl, None, None, None] * v  # the clean prediction (s above the x0 clip level)
                 x0_plain = noisy[:, sl] - s[:, sl, None, None, None] * v_pack[:, sl]
@@ -444,3 +444,37 @@ def test_change_gate_needs_a_change_target_and_a_clean_frame_output():
     for bad in (dict(change_gate=True), dict(change_gate=True, delta=True), dict(change_gate=True, predict="x0")):
         with pytest.raises(ValueError, match="change_gate"):
             dit_config("tiny", in_channels=4, latent_size=(4, 4), num_actions=4, **bad)
+
+
+def test_the_sampler_gates_only_its_last_step_and_the_chunk_keeps_the_previous_frames_cells():
+    """denoise asks for the change gate on its last step only (at high noise the gate cannot see where the ball
+    goes); the chunk it returns holds the previous frame's latents exactly in the cells the gate kept."""
+    from worldmodel.sampler import denoise
+    model = make_model(predict="x0", prev_frame=True, delta=True, change_gate=True)
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(2)
+    B = 3
+    a = torch.randint(0, cfg.num_actions, (B, 1), generator=g)
+    ctx = torch.randn(B, 1, cfg.in_channels, *cfg.latent_size, generator=g)
+    noise = torch.randn_like(ctx)
+    orig, seen = model.forward_cached, []
+
+    def spy(x, t, aa, c, commit=False, gate=False):
+        v, h = orig(x, t, aa, c, commit, gate)
+        seen.append((float(t[0, 0]), gate, h.change_logit))
+        return v, h
+
+    with torch.no_grad():
+        for centre in (False, True):  # the second pass moves the gate's bias so that its logits straddle the threshold
+            if centre:
+                model.gate[-1].bias -= seen[-1][2].median()
+                seen.clear()
+            cache = model.new_cache(B)
+            model.forward_cached(ctx, torch.zeros(B, 1), a, cache, commit=True)
+            model.forward_cached = spy
+            x0 = denoise(model, cache, a, noise, sampling_levels(3))
+            model.forward_cached = orig
+    assert [gate for _, gate, _ in seen] == [False, False, True]
+    keep = (torch.sigmoid(seen[-1][2]) < model.gate_threshold).expand_as(x0)
+    assert 0 < keep.float().mean() < 1
+    torch.testing.assert_close(x0[keep], ctx.expand_as(x0)[keep], **TOL)

@@ -142,8 +142,8 @@ def test_only_the_exit_step_carries_the_gradient_and_chunks_are_detached(exit_st
     calls = []  # (level, commit, input needs grad, output)
     orig = model.forward_cached
 
-    def spy(x, t, a, cache, commit=False):
-        v, heads = orig(x, t, a, cache, commit)
+    def spy(x, t, a, cache, commit=False, gate=False):
+        v, heads = orig(x, t, a, cache, commit, gate)
         calls.append((float(t[0, 0]), commit is not False, x.requires_grad, v))
         return v, heads
 

@@ -420,10 +420,16 @@ class CausalDiT(nn.Module):
         return v, heads
 
     # ----- generation: one chunk against the KV cache -----
-    def forward_cached(self, x: torch.Tensor, s: torch.Tensor, actions: torch.Tensor, cache: KVCache, commit: bool | torch.Tensor = False) -> tuple[torch.Tensor | None, Heads]:
+    def forward_cached(self, x: torch.Tensor, s: torch.Tensor, actions: torch.Tensor, cache: KVCache, commit: bool | torch.Tensor = False,
+                       gate: bool = False) -> tuple[torch.Tensor | None, Heads]:
         """x (B, F, C, h, w) one chunk, s/actions (B, F). Attends to the cache and itself. Returns the velocity
         and the heads; a commit pass returns no velocity (None): only its keys, values and heads are used, so the
         output layer and the refiner do not run.
+
+        `gate` (the sampler's last step, whose clean prediction is the chunk): cells the change gate calls
+        unchanged get the previous frame's clean prediction (see `gate_keep`; nothing without a gate). Earlier
+        steps run ungated: at high noise the gate cannot yet see where a change goes, and gating there would
+        steer every cell toward the previous frame before the ball's new place is decided.
 
         With commit=True (the re-cache pass; important: it must run on the final clean chunk at s=0, or on
         that chunk noised to a context-noise level s, see `sampler.recache`), the chunk's keys/values become
@@ -435,8 +441,8 @@ class CausalDiT(nn.Module):
             raise ValueError(f"batch of {x.shape[0]} worlds does not match the cache's {cache.batch}")
         cache.begin()
         prev = cache.prev[:, None].expand_as(x) if self.cfg.uses_prev else None  # (B, F, C, h, w)
-        out, feats, gate = self._body(self.tokens(x, s, prev), self.condition(s, actions), cache.attend, outputs=commit is False)
-        v = None if out is None else self.velocity_out(out, x, s, prev, keep=self.gate_keep(gate, prev))
+        out, feats, gate_logit = self._body(self.tokens(x, s, prev), self.condition(s, actions), cache.attend, outputs=commit is False)
+        v = None if out is None else self.velocity_out(out, x, s, prev, keep=self.gate_keep(gate_logit, prev) if gate else None)
         # the next chunk's previous frame, where the network reads one: at data scale, as in the pack (a
         # chunk committed at context-noise level s is (1 - s) x0 + s eps)
         last = x[:, -1] / expand(1 - s[:, -1], x[:, -1]).to(x.dtype) if self.cfg.uses_prev and commit is not False else None
@@ -445,7 +451,7 @@ class CausalDiT(nn.Module):
         elif commit:
             cache.commit(last_frame=last)
         heads = self.read_heads(feats)
-        heads.change_logit = gate
+        heads.change_logit = gate_logit
         return v, heads
 
     def new_cache(self, batch: int) -> KVCache:

@@ -22,12 +22,13 @@ from .dit import CausalDiT, Heads
 from .flow import add_noise, euler_step, guided, x0_from_velocity
 
 
-def guided_velocity(model: CausalDiT, x: torch.Tensor, s: float, actions: torch.Tensor, cache: KVCache, guidance: float) -> torch.Tensor:
-    """Velocity for chunk x (B, F, C, h, w) at level s, with action guidance when guidance != 1."""
+def guided_velocity(model: CausalDiT, x: torch.Tensor, s: float, actions: torch.Tensor, cache: KVCache, guidance: float, gate: bool = False) -> torch.Tensor:
+    """Velocity for chunk x (B, F, C, h, w) at level s, with action guidance when guidance != 1; `gate`: the
+    last step, where a network with a change gate keeps the previous frame's unchanged cells."""
     level = torch.full(actions.shape, s, device=x.device, dtype=torch.float32)  # (B, F) per frame; levels stay float32
-    v, _ = model.forward_cached(x, level, actions, cache)
+    v, _ = model.forward_cached(x, level, actions, cache, gate=gate)
     if guidance != 1.0:
-        v_null, _ = model.forward_cached(x, level, torch.full_like(actions, model.null_action), cache)
+        v_null, _ = model.forward_cached(x, level, torch.full_like(actions, model.null_action), cache, gate=gate)
         v = guided(v.float(), v_null.float(), guidance).to(x.dtype)
     return v
 
@@ -81,7 +82,8 @@ def denoise(model: CausalDiT, cache: KVCache, actions: torch.Tensor, noise: torc
     for k, (s, s_next) in enumerate(steps):
         truncated = exit_step is not None and k < exit_step  # Self Forcing: no gradient through the chain before the exit
         with torch.no_grad() if truncated else contextlib.nullcontext():
-            x = solver_step(x, guided_velocity(model, x, s, actions, cache, guidance), s, s_next, solver, generator)
+            last = k == len(steps) - 1  # its clean prediction is the chunk: the change gate acts here
+            x = solver_step(x, guided_velocity(model, x, s, actions, cache, guidance, gate=last), s, s_next, solver, generator)
     return x
 
 
