@@ -454,3 +454,10 @@ def test_locate_error_splits_the_error_by_where_frames_really_change():
         split_error(real, gen, token=12)
     with pytest.raises(ValueError, match="same shape"):
         split_error(real, gen[:, :1])
+
+
+def test_ablation_sampling_cell_names_the_change_gate():
+    from train.ablation import sampling
+    base = {"denoising_steps": 8, "solver": "euler", "guidance": 1.0, "context_noise": 0.0}
+    assert sampling({**base, "change_gate": None}) == sampling(base) == "8 euler"  # a network without a gate
+    assert sampling({**base, "change_gate": 0.5}) == "8 euler, gate 0.5" and sampling({**base, "change_gate": 0.0}) == "8 euler, gate off"

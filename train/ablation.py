@@ -99,12 +99,15 @@ def table(rs: list[dict], first: dict) -> str:
 
 
 def sampling(m: dict) -> str:
-    """A model's sampling settings in one cell: denoising steps and solver, plus guidance and context noise when set."""
+    """A model's sampling settings in one cell: denoising steps and solver, plus guidance and context noise when set,
+    and the change gate's threshold for a network that has one."""
     parts = [f"{m['denoising_steps']} {m['solver']}"]
     if m.get("guidance", 1.0) != 1.0:
         parts.append(f"guidance {m['guidance']:g}")
     if m.get("context_noise"):
         parts.append(f"context noise {m['context_noise']:g}")
+    if m.get("change_gate") is not None:
+        parts.append(f"gate {m['change_gate']:g}" if m["change_gate"] else "gate off")
     return ", ".join(parts)
 
 
