@@ -133,6 +133,7 @@ def test_report_rows_include_1000():
     (["--steps", "0"], "--steps must be >= 1"),
     (["--every", "0"], "--every must be >= 1"),
     (["--denoise-steps", "0"], "--denoise-steps must be >= 1"),
+    (["--gate", "1"], "--gate must lie in [0, 1)"),
     (["--start", "99"], "--start 99 is out of range"),
     (["--model", "nowhere=/no/such/folder"], "no model folder at '/no/such/folder'"),
 ])
