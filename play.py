@@ -144,7 +144,7 @@ def make_adapter(args: argparse.Namespace, model: Path, random_policy: bool = Fa
     except ValueError as e:
         env.close()
         raise PlayError(str(e)) from None
-    meta = {"model": str(model), "seed": args.seed, "denoising_steps": env.wm.steps, "guidance": env.wm.guidance, "context_noise": env.wm.sampling.context_noise, "gate": env.wm.sampling.gate if env.wm.dit.cfg.change_gate else None,
+    meta = {"model": str(model), "seed": args.seed, "denoising_steps": env.wm.steps, "guidance": env.wm.guidance, "context_noise": env.wm.sampling.context_noise, "gate": env.wm.gate,
             "policy": "keyboard" if policy is None else policy.description + ("" if args.headless else ", then keyboard"),
             "command": args.command}
     return PlayAdapter(env, fps=args.fps or env.metadata["render_fps"], record_dir=args.record_dir, policy=policy, meta=meta)

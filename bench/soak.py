@@ -191,9 +191,9 @@ def soak(model_path: str | os.PathLike, steps: int, every: int, start: int, seed
          on_row: Callable[[dict[str, Any]], None] | None = None, policy_kind: str = "random", real_game: bool = False, gate: float | None = None) -> dict[str, Any]:
     """Play one world of the model at `model_path` for `steps` steps from start context `start` without
     resetting, under `policy_kind` ("random" or "serve"); a row every `every` steps (and at step 1000 and the
-    last step). `on_row(row)` is called as each row is made. `gate`: the change gate's threshold (None: the model's). With `real_game`, the real game is played by the
-    same policy for as many steps too ("real_game"). Returns {config, cache, real, rows, summary} (see the
-    module docstring)."""
+    last step). `on_row(row)` is called as each row is made. `gate`: the change gate's threshold (None: the
+    model's). With `real_game`, the real game is played by the same policy for as many steps too ("real_game").
+    Returns {config, cache, real, rows, summary} (see the module docstring)."""
     import torch
 
     from envs.breakout import FIRE
@@ -306,7 +306,7 @@ def soak(model_path: str | os.PathLike, steps: int, every: int, start: int, seed
     }
     result = {
         "config": {"model": str(model_path), "steps": steps, "every": every, "start": start, "seed": seed, "denoise_steps": wm.steps,
-                   "denoise_steps_override": denoise_steps, "gate": wm.sampling.gate if wm.dit.cfg.change_gate else None, "policy": policy.description, "game": wm.info.get("game")},
+                   "denoise_steps_override": denoise_steps, "gate": wm.gate, "policy": policy.description, "game": wm.info.get("game")},
         "cache": {"sink_chunks": cache.S, "window_chunks": cache.W, "frames_per_chunk": F, "max_position_bound": bound,
                   "chunks_played": int(cache.n_chunks.max())},
         "start_context_pixel_std": context_std, "collapse_std_threshold": collapse_std, "rss_source": rss_source,

@@ -283,6 +283,7 @@ def test_context_noise_through_the_envs(model):
     from worldmodel.runtime import WorldModel
 
     env = WorldModelEnv(model, context_noise=0.2)
+    assert env.wm.gate is None  # a network without a change gate reports none
     assert env.wm.sampling.context_noise == 0.2 and WorldModelVectorEnv(2, model=model, context_noise=0.2).wm.sampling.context_noise == 0.2
     actions = [1, 2, 3]
     first = rollout(env, 7, actions)

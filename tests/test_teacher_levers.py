@@ -226,6 +226,7 @@ def test_teacher_with_every_lever_trains_exports_and_plays(data, tokenizer, tmp_
     assert a.shape == (1, 64, 64, 3)
     off = WorldModel.load(out / "model", gate=0.0)  # the gate switched off at play
     assert off.dit.gate_threshold == 0 and wm.dit.gate_threshold == 0.5
+    assert off.gate == 0 and wm.gate == 0.5  # what the reports record
     off.reset(frames[0], actions[0], seed=0)
     assert off.step(1).shape == (1, 64, 64, 3)
     from envs.vector_env import WorldModelVectorEnv

@@ -347,7 +347,7 @@ def evaluate_model(spec: ModelSpec, ref: Reference, real_game: dict, seed: int) 
                     "paddle_response_random_actions": paddle_response(ref.probe(rand_gen)["paddle_x"], ref.start_paddle, ref.rand_actions, ref.directions)}
     m = {
         "path": str(spec.path), "denoising_steps": wm.steps, "guidance": wm.guidance, "solver": wm.sampling.solver, "context_noise": wm.sampling.context_noise,
-        "change_gate": wm.sampling.gate if wm.dit.cfg.change_gate else None,
+        "change_gate": wm.gate,
         "nfe_per_step": wm.steps * (2 if wm.guidance != 1 else 1) + 1,
         "tokenizer_recon_psnr": psnr_of(mse(recon, flat.numpy())),
         "one_step_psnr": psnr_of(mse(tf_gen, ref.real)), "one_step_ssim": float(ssim(tf_gen, ref.real).mean()),

@@ -210,7 +210,7 @@ def teacher_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], args: a
     loss = flow + args.head_weight * l_heads
     if heads.change_logit is not None:
         l_gate, gate_parts = gate_loss(heads.change_logit, x0, Fc, args.change_threshold)
-        loss = loss + getattr(args, "gate_weight", 1.0) * l_gate
+        loss = loss + args.gate_weight * l_gate
         head_parts.update(gate_parts)
     return loss, {**flow_parts, **head_parts}
 

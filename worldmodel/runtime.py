@@ -126,6 +126,11 @@ class WorldModel:
     def frame_shape(self) -> tuple[int, int, int]:
         return (*self.tokenizer.cfg.frame_size, 3)
 
+    @property
+    def gate(self) -> float | None:
+        """The change gate's threshold in use (0: off), or None for a network without a gate (for reports)."""
+        return self.sampling.gate if self.dit.cfg.change_gate else None
+
     def _check_actions(self, actions: np.ndarray | torch.Tensor | Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
         a = torch.as_tensor(np.asarray(actions))
         if a.dtype.is_floating_point or a.dtype == torch.bool:
