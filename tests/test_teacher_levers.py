@@ -183,7 +183,8 @@ def test_bad_lever_flags_are_refused():
     base = ["--data", "d", "--tokenizer", "t", "--out", "o"]
     for bad in (["--change-weight", "-1"], ["--change-weight", "nan"], ["--change-threshold", "0"], ["--level-mean", "inf"],
                 ["--max-minutes", "0"], ["--patch-size", "0"], ["--own-context", "1.5"], ["--own-context", "-0.1"], ["--sigma-data", "0"], ["--sigma-data", "nan"], ["--predict", "eps"], ["--time-scale", "0"], ["--time-scale", "inf"], ["--sigma-data", "0.1"], ["--out-hidden", "-1"],
-                ["--change-gate"], ["--change-gate", "--delta"], ["--gate-weight", "0"], ["--gate-weight", "nan"]):  # --sigma-data 0.1 without --predict edm
+                ["--change-gate"], ["--change-gate", "--delta"], ["--gate-weight", "0"], ["--gate-weight", "nan"],
+                ["--prev-stack", "2"], ["--prev-frame", "--prev-stack", "0"]):  # --sigma-data 0.1 without --predict edm
         with pytest.raises(SystemExit) as e:
             parse_args(base + bad)
         assert e.value.code == 2
@@ -191,13 +192,13 @@ def test_bad_lever_flags_are_refused():
 
 def test_teacher_with_every_lever_trains_exports_and_plays(data, tokenizer, tmp_path):
     """prev frame + change target + change weight + level shift + 1x1 patches + own-prediction context + EDM output
-    + pixel refiner + time scale + MLP output layer + change gate."""
+    + pixel refiner + time scale + MLP output layer + change gate + two stacked previous frames."""
     out = tmp_path / "run"
-    levers = ("--prev-frame", "--delta", "--change-weight", "20", "--level-mean", "0.5", "--patch-size", "1", "--own-context", "0.5", "--predict", "edm", "--refine", "4", "--time-scale", "5", "--out-hidden", "24", "--change-gate", "--gate-weight", "2")
+    levers = ("--prev-frame", "--delta", "--change-weight", "20", "--level-mean", "0.5", "--patch-size", "1", "--own-context", "0.5", "--predict", "edm", "--refine", "4", "--time-scale", "5", "--out-hidden", "24", "--change-gate", "--gate-weight", "2", "--prev-stack", "2")
     run("-m", "train.teacher", "--data", str(data), "--tokenizer", str(tokenizer), "--out", str(out), *TEACHER, *levers, "--steps", "3")
     cfg = json.loads((out / "model" / "dit" / "config.json").read_text())["config"]
     assert cfg["prev_frame"] and cfg["delta"] and cfg["patch_size"] == 1 and cfg["predict"] == "edm" and cfg["refine"] == 4 and cfg["pixel_patch"] > 0
-    assert cfg["time_scale"] == 5 and cfg["out_hidden"] == 24 and cfg["change_gate"]
+    assert cfg["time_scale"] == 5 and cfg["out_hidden"] == 24 and cfg["change_gate"] and cfg["prev_stack"] == 2
     assert "gate" not in json.loads((out / "model" / "config.json").read_text())["sampling"]  # the default threshold, 0.5
     assert "context_noise" not in json.loads((out / "model" / "config.json").read_text())["sampling"]  # unset: readable by code older than the field
     assert cfg["sigma_data"] == pytest.approx(target_std(sorted((out / "latents" / "train").glob("*.npz")), True, cfg["frames_per_chunk"]), rel=1e-4)  # measured
@@ -210,7 +211,7 @@ def test_teacher_with_every_lever_trains_exports_and_plays(data, tokenizer, tmp_
     again = parse_args(shlex.split(cmd)[3:])  # the card's command reproduces the run's arguments
     assert again.prev_frame and again.delta and again.change_weight == 20 and again.patch_size == 1 and again.level_mean == 0.5 and again.own_context == 0.5
     assert again.predict == "edm" and again.sigma_data == cfg["sigma_data"] and again.refine == 4 and again.time_scale == 5 and again.out_hidden == 24
-    assert again.change_gate and again.gate_weight == 2
+    assert again.change_gate and again.gate_weight == 2 and again.prev_stack == 2
     # the card's EDM command (sigma_data given) starts a fresh run from the model with --init
     p = run("-m", "train.teacher", "--data", str(data), "--tokenizer", str(tokenizer), "--out", str(tmp_path / "again"), *TEACHER, *levers,
             "--sigma-data", str(cfg["sigma_data"]), "--init", str(out / "model"), "--steps", "1")
@@ -220,6 +221,7 @@ def test_teacher_with_every_lever_trains_exports_and_plays(data, tokenizer, tmp_
     frames, actions = load_start_frames(out / "model" / "start_frames.npz")
     wm.reset(frames[0], actions[0], seed=0)
     assert wm.cache.prev.abs().sum() > 0  # the last context frame is kept as the next step's previous frame
+    assert wm.cache.older.shape[1] == 1 and wm.cache.older.abs().sum() > 0  # and the one before it
     a = wm.step(1)
     wm.reset(frames[0], actions[0], seed=0)
     np.testing.assert_array_equal(a, wm.step(1))

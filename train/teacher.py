@@ -60,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--own-context", type=float, default=0.0, help="share of windows whose clean context, after the first chunk, is the network's own one-step predictions of those frames instead of the real ones (error recycling: it learns to continue from its own imperfect frames toward the real next frame; the targets stay real)")
     p.add_argument("--head-weight", type=float, default=0.1, help="weight of the reward/end head losses")
     p.add_argument("--prev-frame", action="store_true", help="concatenate each frame's previous frame to its input tokens (pixel-aligned conditioning)")
+    p.add_argument("--prev-stack", type=int, default=1, metavar="K", help="with --prev-frame: how many frames before each chunk its input tokens carry (2 adds the frame before the previous one, so a moving object's velocity is pixel-aligned; DIAMOND stacks 4)")
     p.add_argument("--delta", action="store_true", help="the network sees and predicts the change from the previous frame")
     p.add_argument("--predict", choices=PREDICTIONS, default="velocity", help="what the network outputs: the velocity, the clean frame x0 (JiT; for pixel patches wider than the network), or x0 through EDM's preconditioning (edm: anchored to the input at low noise, unit-scale target)")
     p.add_argument("--sigma-data", type=float, default=None, help="with --predict edm: the target's standard deviation (default: measured on the training latents)")
@@ -105,6 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--refine corrects a predicted clean frame: it needs --predict x0 or edm")
     if not (math.isfinite(args.change_weight) and args.change_weight >= 0) or not (math.isfinite(args.change_threshold) and args.change_threshold > 0):
         p.error("--change-weight must be >= 0 and --change-threshold > 0 (finite)")
+    if args.prev_stack < 1 or (args.prev_stack > 1 and not args.prev_frame):
+        p.error(f"--prev-stack {args.prev_stack}: it must be >= 1, and above 1 it needs --prev-frame (it stacks the frames that --prev-frame concatenates)")
     if args.change_gate and not (args.delta and args.predict != "velocity"):
         p.error("--change-gate keeps cells of the previous frame: it needs --delta and --predict x0 or edm")
     if not (math.isfinite(args.gate_weight) and args.gate_weight > 0):
@@ -276,6 +279,8 @@ def train(args: argparse.Namespace) -> int:
         shape["out_hidden"] = args.out_hidden
     if args.change_gate:
         shape["change_gate"] = True
+    if args.prev_stack > 1:
+        shape["prev_stack"] = args.prev_stack
     if args.refine:
         if tok_cfg.kind != "patch":
             raise UsageError(f"--refine works on pixels: it needs the patch tokenizer (train.tokenizer --kind patch), not {tok_cfg.kind!r}")
@@ -344,7 +349,7 @@ def card(args: argparse.Namespace, meta: dict, n_params: int, step: int, wall: f
         f"Data: {meta.get('splits', {}).get('train', {}).get('steps', '?')} training steps of real {meta['game']} play recorded by `train.collect`",
         f"Optimizer steps: {step}, batch {args.batch_size} windows of {args.frames} frames",
         f"Hardware: {hardware(d)} x {d.world_size} process(es); wall time {wall / 60:.1f} min (latent encoding and training, all resumed parts)",
-        f"Network: predicts {args.predict}{f' (sigma_data {args.sigma_data})' if getattr(args, 'sigma_data', None) else ''}; previous frame concatenated {'yes' if args.prev_frame else 'no'}, change-from-previous parameterisation {'yes' if args.delta else 'no'}; "
+        f"Network: predicts {args.predict}{f' (sigma_data {args.sigma_data})' if getattr(args, 'sigma_data', None) else ''}; previous frame concatenated {('yes' + (f', {args.prev_stack} frames stacked' if getattr(args, 'prev_stack', 1) > 1 else '')) if args.prev_frame else 'no'}, change-from-previous parameterisation {'yes' if args.delta else 'no'}; "
         f"flow loss change weight {args.change_weight} (threshold {args.change_threshold}); logit-normal level mean {args.level_mean}; "
         f"own-prediction context (error recycling) on {getattr(args, 'own_context', 0.0):.0%} of windows",
         f"Output layer: {f'MLP of {args.out_hidden} hidden units' if getattr(args, 'out_hidden', 0) else 'linear'}; "

@@ -88,6 +88,10 @@ class DiTConfig:
     # the latents of the frame before its chunk (the last clean frame in the context; zeros before the
     # first), concatenated channel-wise, on top of the KV cache.
     prev_frame: bool = False
+    # How many frames before the chunk the input tokens carry with prev_frame (DIAMOND stacks 4): 1 is the frame
+    # before; 2 adds the one before that, so a moving object's velocity lies pixel-aligned in every token, not
+    # only in the cache's attention. The change target and the change gate stay relative to the frame before.
+    prev_stack: int = 1
     # The network sees and predicts the change from that previous frame (Delta-IRIS's idea in diffusion
     # form): its input is x_t - (1 - t) prev, the noisy change, and its output the change's velocity (or the
     # change x0 - prev itself, with predict "x0"); prev is taken off (added back) to give the frame's. A
@@ -161,6 +165,10 @@ class DiTConfig:
             raise ValueError("refine needs latents that are pixel patches (pixel_patch > 0: the patch tokenizer)")
         if self.refine and self.predict == "velocity":
             raise ValueError("refine corrects a predicted clean frame: it needs predict 'x0' or 'edm', not 'velocity'")
+        if self.prev_stack < 1:
+            raise ValueError(f"prev_stack must be >= 1 (the frames before the chunk that prev_frame concatenates), got {self.prev_stack}")
+        if self.prev_stack > 1 and not self.prev_frame:
+            raise ValueError(f"prev_stack {self.prev_stack} stacks frames that prev_frame concatenates: it needs prev_frame")
         if self.change_gate and not (self.delta and self.predict != "velocity"):
             raise ValueError("change_gate keeps cells of the previous frame: it needs delta and predict 'x0' or 'edm'")
 

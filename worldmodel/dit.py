@@ -174,7 +174,7 @@ class CausalDiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         D, p = cfg.dim, cfg.patch_size
-        self.x_embed = nn.Linear(cfg.in_channels * p * p * (2 if cfg.prev_frame else 1), D)
+        self.x_embed = nn.Linear(cfg.in_channels * p * p * (1 + cfg.prev_stack if cfg.prev_frame else 1), D)
         self.t_embed = TimestepEmbedder(D, scale=cfg.time_scale)
         self.a_embed = nn.Embedding(cfg.num_actions + 1, D)  # row num_actions: null action (guidance)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
@@ -253,15 +253,25 @@ class CausalDiT(nn.Module):
         own (zeros for the first chunk), (B, T, C, h, w). The KV cache keeps the same at play time."""
         return previous_frames(x, self.cfg.frames_per_chunk)
 
-    def tokens(self, x: torch.Tensor, s: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
+    def older_frames(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The frames before each frame's previous frame that `prev_stack` adds, nearest first, in a sequence
+        x (B, T, C, h, w): (B, T, prev_stack - 1, C, h, w), zeros before the sequence; None without a stack."""
+        K = self.cfg.prev_stack if self.cfg.prev_frame else 1
+        if K == 1:
+            return None
+        return torch.stack([frames_before(x, self.cfg.frames_per_chunk, k) for k in range(2, K + 1)], dim=2)
+
+    def tokens(self, x: torch.Tensor, s: torch.Tensor, prev: torch.Tensor | None, older: torch.Tensor | None = None) -> torch.Tensor:
         """Input tokens (B, T, N, Din) of latents x (B, T, C, h, w) at levels s (B, T), with each frame's
-        previous frame `prev` (B, T, C, h, w) where the config uses it (`prev_frame`, `delta`)."""
+        previous frame `prev` (B, T, C, h, w) where the config uses it (`prev_frame`, `delta`) and, with
+        `prev_stack` > 1, the frames before that one, `older` (B, T, prev_stack - 1, C, h, w)."""
         x = self.noisy_input(x, s, prev)
         if self.cfg.predict == "edm":  # unit-variance input (EDM's c_in)
             x = x / expand(self.edm_r(s, self.edm_sd(x, prev)), x).to(x.dtype)
         tok = self.patchify(x)
         if self.cfg.prev_frame:
-            tok = torch.cat([tok, self.patchify(prev)], dim=-1)  # (B, T, N, 2 C p p)
+            stack = [prev] + ([] if older is None else list(older.unbind(2)))
+            tok = torch.cat([tok] + [self.patchify(f) for f in stack], dim=-1)  # (B, T, N, (1 + K) C p p)
         return tok
 
     def noisy_input(self, x: torch.Tensor, s: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
@@ -375,8 +385,10 @@ class CausalDiT(nn.Module):
         # play time the previous frame is the model's own output, errors and all). Important: rescaled by
         # 1 / (1 - s_clean) to the data's scale, so the noise is added to the frame rather than mixed in; a
         # frame shrunk by (1 - s) would teach a change model to brighten every clean frame it sees at play.
-        prev = self.previous_frames(clean / expand(1 - s_clean, clean).to(clean.dtype)) if cfg.uses_prev else None
-        x = torch.cat([self.tokens(clean, s_clean, prev), self.tokens(noisy, s_noisy, prev)], dim=1)  # (B, 2T, N, Din)
+        scaled = clean / expand(1 - s_clean, clean).to(clean.dtype)
+        prev = self.previous_frames(scaled) if cfg.uses_prev else None
+        older = self.older_frames(scaled)
+        x = torch.cat([self.tokens(clean, s_clean, prev, older), self.tokens(noisy, s_noisy, prev, older)], dim=1)  # (B, 2T, N, Din)
         c = torch.cat([self.condition(s_clean, actions), self.condition(s_noisy, noisy_actions)], dim=1)  # (B, 2T, D)
 
         mask, chunk, is_noisy = self.pack_mask(n, x.device)
@@ -441,15 +453,16 @@ class CausalDiT(nn.Module):
             raise ValueError(f"batch of {x.shape[0]} worlds does not match the cache's {cache.batch}")
         cache.begin()
         prev = cache.prev[:, None].expand_as(x) if self.cfg.uses_prev else None  # (B, F, C, h, w)
-        out, feats, gate_logit = self._body(self.tokens(x, s, prev), self.condition(s, actions), cache.attend, outputs=commit is False)
+        older = None if cache.older is None else cache.older[:, None].expand(x.shape[0], x.shape[1], *cache.older.shape[1:])
+        out, feats, gate_logit = self._body(self.tokens(x, s, prev, older), self.condition(s, actions), cache.attend, outputs=commit is False)
         v = None if out is None else self.velocity_out(out, x, s, prev, keep=self.gate_keep(gate_logit, prev) if gate else None)
-        # the next chunk's previous frame, where the network reads one: at data scale, as in the pack (a
-        # chunk committed at context-noise level s is (1 - s) x0 + s eps)
-        last = x[:, -1] / expand(1 - s[:, -1], x[:, -1]).to(x.dtype) if self.cfg.uses_prev and commit is not False else None
+        # the next chunk's previous frame (and the older stack), where the network reads one: at data scale, as
+        # in the pack (a chunk committed at context-noise level s is (1 - s) x0 + s eps)
+        frames = x / expand(1 - s, x).to(x.dtype) if self.cfg.uses_prev and commit is not False else None
         if isinstance(commit, torch.Tensor):
-            cache.commit(commit, last_frame=last)
+            cache.commit(commit, frames=frames)
         elif commit:
-            cache.commit(last_frame=last)
+            cache.commit(frames=frames)
         heads = self.read_heads(feats)
         heads.change_logit = gate_logit
         return v, heads
@@ -462,10 +475,16 @@ class CausalDiT(nn.Module):
 def previous_frames(x: torch.Tensor, frames_per_chunk: int) -> torch.Tensor:
     """Each frame's previous frame in a sequence x (B, T, C, h, w) of chunks of `frames_per_chunk` frames: the
     last frame of the chunk before its own (zeros for the first chunk), (B, T, C, h, w)."""
+    return frames_before(x, frames_per_chunk, 1)
+
+
+def frames_before(x: torch.Tensor, frames_per_chunk: int, k: int) -> torch.Tensor:
+    """For each frame of a sequence x (B, T, C, h, w) of chunks of `frames_per_chunk` frames, the frame k
+    places before the first frame of its chunk (zeros where that lies before the sequence), (B, T, C, h, w)."""
     Fc = frames_per_chunk
-    last = x[:, Fc - 1::Fc]  # (B, n, C, h, w)
-    before = torch.cat([torch.zeros_like(last[:, :1]), last[:, :-1]], dim=1)  # (B, n, C, h, w)
-    return before.repeat_interleave(Fc, dim=1)  # (B, T, C, h, w)
+    at = torch.arange(0, x.shape[1], Fc, device=x.device) - k  # (n,) index of that frame for each chunk
+    picked = x[:, at.clamp(min=0)] * (at >= 0).to(x.dtype)[None, :, None, None, None]  # (B, n, C, h, w)
+    return picked.repeat_interleave(Fc, dim=1)
 
 
 # ----- the checkpoint folder -----
