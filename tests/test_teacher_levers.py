@@ -16,7 +16,7 @@ import torch
 
 from train.latents import target_std
 from train.skeleton import Schedule
-from train.teacher import PackForward, changed, flow_loss, gate_loss, own_context, parse_args
+from train.teacher import PackForward, changed, flow_loss, gate_loss, own_context, parse_args, teacher_loss
 from worldmodel.config import SamplingConfig, dit_config
 from worldmodel.dit import CausalDiT
 from worldmodel.config import X0_MIN_LEVEL
@@ -179,6 +179,32 @@ def test_schedule_follows_the_wall_budget():
     assert budget.factor(0) == pytest.approx(0.1) and budget.factor(9) == pytest.approx(1.0)  # linear warm-up
 
 
+def test_bf16_runs_the_network_in_bfloat16_and_keeps_the_loss_in_float32():
+    """--bf16: the network's matrix products run in bfloat16 under autocast, the velocity and the losses come
+    back in float32, close to the float32 network's, and the gradient reaches the float32 weights."""
+    torch.manual_seed(0)
+    dit = CausalDiT(dit_config("tiny", in_channels=4, latent_size=(4, 4), num_actions=4, prev_frame=True, prev_stack=2, delta=True,
+                               predict="x0", change_gate=True))
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.normal_(0, 0.3)
+    seen = []
+    dit.x_embed.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    args = parse_args(["--data", "d", "--tokenizer", "t", "--out", "o", "--prev-frame", "--delta", "--predict", "x0", "--change-gate"])
+    batch = {"latents": torch.randn(2, 6, 4, 4, 4), "actions": torch.randint(0, 4, (2, 6)), "rewards": torch.zeros(2, 6), "terminated": torch.zeros(2, 6, dtype=torch.bool)}
+    losses = {}
+    for bf16 in (False, True):
+        args.bf16 = bf16
+        loss, parts = teacher_loss(PackForward(dit), batch, args, 4, torch.Generator().manual_seed(3))
+        assert loss.dtype == torch.float32 and math.isfinite(loss.item())
+        loss.backward()
+        assert all(p.grad.dtype == torch.float32 for p in dit.parameters() if p.grad is not None)
+        losses[bf16] = parts["loss/flow"]
+        dit.zero_grad()
+    assert seen == [torch.float32, torch.bfloat16]
+    assert losses[True] == pytest.approx(losses[False], rel=0.05)  # the same draws, bfloat16 rounding apart
+
+
 def test_bad_lever_flags_are_refused():
     base = ["--data", "d", "--tokenizer", "t", "--out", "o"]
     for bad in (["--change-weight", "-1"], ["--change-weight", "nan"], ["--change-threshold", "0"], ["--level-mean", "inf"],
@@ -194,7 +220,7 @@ def test_teacher_with_every_lever_trains_exports_and_plays(data, tokenizer, tmp_
     """prev frame + change target + change weight + level shift + 1x1 patches + own-prediction context + EDM output
     + pixel refiner + time scale + MLP output layer + change gate + two stacked previous frames."""
     out = tmp_path / "run"
-    levers = ("--prev-frame", "--delta", "--change-weight", "20", "--level-mean", "0.5", "--patch-size", "1", "--own-context", "0.5", "--predict", "edm", "--refine", "4", "--time-scale", "5", "--out-hidden", "24", "--change-gate", "--gate-weight", "2", "--prev-stack", "2")
+    levers = ("--prev-frame", "--delta", "--change-weight", "20", "--level-mean", "0.5", "--patch-size", "1", "--own-context", "0.5", "--predict", "edm", "--refine", "4", "--time-scale", "5", "--out-hidden", "24", "--change-gate", "--gate-weight", "2", "--prev-stack", "2", "--bf16")
     run("-m", "train.teacher", "--data", str(data), "--tokenizer", str(tokenizer), "--out", str(out), *TEACHER, *levers, "--steps", "3")
     cfg = json.loads((out / "model" / "dit" / "config.json").read_text())["config"]
     assert cfg["prev_frame"] and cfg["delta"] and cfg["patch_size"] == 1 and cfg["predict"] == "edm" and cfg["refine"] == 4 and cfg["pixel_patch"] > 0
@@ -211,7 +237,7 @@ def test_teacher_with_every_lever_trains_exports_and_plays(data, tokenizer, tmp_
     again = parse_args(shlex.split(cmd)[3:])  # the card's command reproduces the run's arguments
     assert again.prev_frame and again.delta and again.change_weight == 20 and again.patch_size == 1 and again.level_mean == 0.5 and again.own_context == 0.5
     assert again.predict == "edm" and again.sigma_data == cfg["sigma_data"] and again.refine == 4 and again.time_scale == 5 and again.out_hidden == 24
-    assert again.change_gate and again.gate_weight == 2 and again.prev_stack == 2
+    assert again.change_gate and again.gate_weight == 2 and again.prev_stack == 2 and again.bf16
     # the card's EDM command (sigma_data given) starts a fresh run from the model with --init
     p = run("-m", "train.teacher", "--data", str(data), "--tokenizer", str(tokenizer), "--out", str(tmp_path / "again"), *TEACHER, *levers,
             "--sigma-data", str(cfg["sigma_data"]), "--init", str(out / "model"), "--steps", "1")

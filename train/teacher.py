@@ -58,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--action-drop", type=float, default=0.1, help="probability of dropping a noisy frame's action (for guidance)")
     p.add_argument("--ctx-noise", type=float, default=0.1, help="max noise level on the clean context")
     p.add_argument("--own-context", type=float, default=0.0, help="share of windows whose clean context, after the first chunk, is the network's own one-step predictions of those frames instead of the real ones (error recycling: it learns to continue from its own imperfect frames toward the real next frame; the targets stay real)")
+    p.add_argument("--bf16", action="store_true", help="run the network in bfloat16 under torch.autocast (weights, optimizer and losses stay float32): about 2x the steps per second on a CPU with AVX512-BF16, as on GPUs")
     p.add_argument("--head-weight", type=float, default=0.1, help="weight of the reward/end head losses")
     p.add_argument("--prev-frame", action="store_true", help="concatenate each frame's previous frame to its input tokens (pixel-aligned conditioning)")
     p.add_argument("--prev-stack", type=int, default=1, metavar="K", help="with --prev-frame: how many frames before each chunk its input tokens carry (2 adds the frame before the previous one, so a moving object's velocity is pixel-aligned; DIAMOND stacks 4)")
@@ -204,10 +205,12 @@ def teacher_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], args: a
     eps = randn_on(x0, g_dev)
     eps_ctx = randn_on(x0, g_dev)
     noisy = add_noise(x0, eps, s)
-    clean = add_noise(own_context(model, x0, a, args.own_context, g, args.level_mean, g_dev), eps_ctx, s_ctx)
-    drop = (torch.rand(B, n, generator=g) < args.action_drop).repeat_interleave(Fc, dim=1).to(dev)
-    noisy_a = torch.where(drop, torch.full_like(a, num_actions), a)
-    v, heads = model(clean, noisy, s_ctx, s, a, noisy_a)
+    # --bf16: the network's matrix products in bfloat16 (weights, optimizer, velocity maths and losses stay float32)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=getattr(args, "bf16", False)):
+        clean = add_noise(own_context(model, x0, a, args.own_context, g, args.level_mean, g_dev), eps_ctx, s_ctx)
+        drop = (torch.rand(B, n, generator=g) < args.action_drop).repeat_interleave(Fc, dim=1).to(dev)
+        noisy_a = torch.where(drop, torch.full_like(a, num_actions), a)
+        v, heads = model(clean, noisy, s_ctx, s, a, noisy_a)
     flow, flow_parts = flow_loss(v, velocity(x0, eps), x0, args.change_weight, args.change_threshold)
     l_heads, head_parts = head_loss(heads, batch["rewards"], batch["terminated"])
     loss = flow + args.head_weight * l_heads
@@ -355,7 +358,7 @@ def card(args: argparse.Namespace, meta: dict, n_params: int, step: int, wall: f
         f"Output layer: {f'MLP of {args.out_hidden} hidden units' if getattr(args, 'out_hidden', 0) else 'linear'}; "
         f"pixel refiner: {f'{args.refine} hidden channels' if getattr(args, 'refine', 0) else 'none'}; "
         f"change gate: {f'yes (cross-entropy weight {args.gate_weight})' if getattr(args, 'change_gate', False) else 'no'}" + (f"; initialised from {args.init}" if getattr(args, "init", None) else ""),
-        f"Samples with {args.sample_steps} Euler steps by default",
+        f"Precision: {'bfloat16 autocast (float32 weights and losses)' if getattr(args, 'bf16', False) else 'float32'}; samples with {args.sample_steps} Euler steps by default",
     ], "train.teacher", args)
 
 

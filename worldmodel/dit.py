@@ -425,7 +425,8 @@ class CausalDiT(nn.Module):
             return attention(q2, k2, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]))
 
         out, feats, gate = self._body(x, c, attend)
-        v = self.velocity_out(out[:, T:], noisy, s_noisy, prev)
+        # under autocast (train.teacher --bf16) the network runs in bfloat16; the velocity maths run in the latents' dtype
+        v = self.velocity_out(out[:, T:].to(noisy.dtype), noisy, s_noisy, prev)
         heads = self.read_heads(feats[:, :T])
         if gate is not None:
             heads.change_logit = gate[:, T:]
@@ -455,7 +456,7 @@ class CausalDiT(nn.Module):
         prev = cache.prev[:, None].expand_as(x) if self.cfg.uses_prev else None  # (B, F, C, h, w)
         older = None if cache.older is None else cache.older[:, None].expand(x.shape[0], x.shape[1], *cache.older.shape[1:])
         out, feats, gate_logit = self._body(self.tokens(x, s, prev, older), self.condition(s, actions), cache.attend, outputs=commit is False)
-        v = None if out is None else self.velocity_out(out, x, s, prev, keep=self.gate_keep(gate_logit, prev) if gate else None)
+        v = None if out is None else self.velocity_out(out.to(x.dtype), x, s, prev, keep=self.gate_keep(gate_logit, prev) if gate else None)
         # the next chunk's previous frame (and the older stack), where the network reads one: at data scale, as
         # in the pack (a chunk committed at context-noise level s is (1 - s) x0 + s eps)
         frames = x / expand(1 - s, x).to(x.dtype) if self.cfg.uses_prev and commit is not False else None
