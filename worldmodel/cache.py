@@ -64,7 +64,7 @@ class KVCache:
         # conditioning of DiTConfig.prev_frame / delta; (B, C, h, w)
         self.prev = torch.zeros(batch, cfg.in_channels, *cfg.latent_size, device=device, dtype=dtype)
         # with DiTConfig.prev_stack K > 1, the K - 1 frames before that one, nearest first (B, K - 1, C, h, w)
-        K = cfg.prev_stack if cfg.prev_frame else 1
+        K = cfg.prev_stack  # > 1 only with prev_frame (DiTConfig checks)
         self.older = torch.zeros(batch, K - 1, cfg.in_channels, *cfg.latent_size, device=device, dtype=dtype) if K > 1 else None
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta).to(device)
         self._read: dict | None = None
@@ -142,12 +142,12 @@ class KVCache:
         keys = apply_rotary(keys, r["k_cos"], r["k_sin"])
         return attention(q, keys, vals, mask=r["mask"])
 
-    def commit(self, worlds: torch.Tensor | None = None, last_frame: torch.Tensor | None = None, frames: torch.Tensor | None = None) -> None:
+    def commit(self, worlds: torch.Tensor | None = None, frames: torch.Tensor | None = None) -> None:
         """Move the scratch slot (the clean chunk just run at s=0) into its permanent slot, and keep that
-        chunk's `last_frame` (B, C, h, w) as the next chunk's previous frame (detached, like the cache); or give
-        the chunk's `frames` (B, F, C, h, w), whose last is that frame and whose earlier ones (then the frames
-        kept before) fill the older stack of `prev_stack`. `worlds` (B,) bool: commit only those worlds (e.g.
-        the ones being reset); the rest keep their context."""
+        chunk's `frames` (B, F, C, h, w), where the network reads them (detached, like the cache): the last is
+        the next chunk's previous frame, and the ones before it (then the frames kept before) fill the older
+        stack of `prev_stack`. `worlds` (B,) bool: commit only those worlds (e.g. the ones being reset); the
+        rest keep their context."""
         b = torch.arange(self.batch, device=self.n_chunks.device)
         if worlds is not None:
             if worlds.shape != (self.batch,) or worlds.dtype != torch.bool:
@@ -160,8 +160,6 @@ class KVCache:
         self.v[:, b, :, slot] = self.v[:, b, :, 0].transpose(0, 1)
         self.slot_chunk[b, slot] = i
         self.n_chunks[b] += 1
-        if frames is None and last_frame is not None:
-            frames = last_frame[:, None]
         if frames is not None:
             f = frames[b].detach().to(self.prev.dtype)  # (b, F, C, h, w)
             if self.older is not None:  # nearest first: the chunk's frames before its last, the old prev, the old stack

@@ -256,7 +256,7 @@ class CausalDiT(nn.Module):
     def older_frames(self, x: torch.Tensor) -> torch.Tensor | None:
         """The frames before each frame's previous frame that `prev_stack` adds, nearest first, in a sequence
         x (B, T, C, h, w): (B, T, prev_stack - 1, C, h, w), zeros before the sequence; None without a stack."""
-        K = self.cfg.prev_stack if self.cfg.prev_frame else 1
+        K = self.cfg.prev_stack  # > 1 only with prev_frame (DiTConfig checks)
         if K == 1:
             return None
         return torch.stack([frames_before(x, self.cfg.frames_per_chunk, k) for k in range(2, K + 1)], dim=2)
@@ -385,9 +385,10 @@ class CausalDiT(nn.Module):
         # play time the previous frame is the model's own output, errors and all). Important: rescaled by
         # 1 / (1 - s_clean) to the data's scale, so the noise is added to the frame rather than mixed in; a
         # frame shrunk by (1 - s) would teach a change model to brighten every clean frame it sees at play.
-        scaled = clean / expand(1 - s_clean, clean).to(clean.dtype)
-        prev = self.previous_frames(scaled) if cfg.uses_prev else None
-        older = self.older_frames(scaled)
+        prev = older = None
+        if cfg.uses_prev:
+            scaled = clean / expand(1 - s_clean, clean).to(clean.dtype)
+            prev, older = self.previous_frames(scaled), self.older_frames(scaled)
         x = torch.cat([self.tokens(clean, s_clean, prev, older), self.tokens(noisy, s_noisy, prev, older)], dim=1)  # (B, 2T, N, Din)
         c = torch.cat([self.condition(s_clean, actions), self.condition(s_noisy, noisy_actions)], dim=1)  # (B, 2T, D)
 
