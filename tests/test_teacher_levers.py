@@ -16,7 +16,7 @@ import torch
 
 from train.latents import target_std
 from train.skeleton import Schedule
-from train.teacher import PackForward, changed, flow_loss, gate_loss, own_context, parse_args, teacher_loss
+from train.teacher import PackForward, changed, flow_loss, gate_loss, model_cfg, own_context, parse_args, teacher_loss
 from worldmodel.config import SamplingConfig, dit_config
 from worldmodel.dit import CausalDiT
 from worldmodel.config import X0_MIN_LEVEL
@@ -203,6 +203,26 @@ def test_bf16_runs_the_network_in_bfloat16_and_keeps_the_loss_in_float32():
         dit.zero_grad()
     assert seen == [torch.float32, torch.bfloat16]
     assert losses[True] == pytest.approx(losses[False], rel=0.05)  # the same draws, bfloat16 rounding apart
+
+
+def test_compile_gives_the_eager_loss_and_gradients_in_one_graph():
+    """--compile: the compiled training forward computes the eager one's loss and gradients, in one graph (the
+    action range check would break it), and the run still reads its config through the wrapper."""
+    torch.manual_seed(0)
+    dit = CausalDiT(dit_config("tiny", in_channels=4, latent_size=(4, 4), num_actions=4, prev_frame=True, delta=True, predict="x0", change_gate=True))
+    args = parse_args(["--data", "d", "--tokenizer", "t", "--out", "o", "--prev-frame", "--delta", "--predict", "x0", "--change-gate", "--compile"])
+    batch = {"latents": torch.randn(2, 6, 4, 4, 4), "actions": torch.randint(0, 4, (2, 6)), "rewards": torch.zeros(2, 6), "terminated": torch.zeros(2, 6, dtype=torch.bool)}
+    torch._dynamo.reset()
+    compiled = torch.compile(PackForward(dit), fullgraph=True)  # fullgraph: a graph break is an error
+    assert model_cfg(compiled) is dit.cfg
+    out = []
+    for model in (PackForward(dit), compiled):
+        loss, _ = teacher_loss(model, batch, args, 4, torch.Generator().manual_seed(3))
+        loss.backward()
+        out.append((loss.item(), torch.cat([p.grad.flatten() for p in dit.parameters() if p.grad is not None])))
+        dit.zero_grad()
+    assert out[1][0] == pytest.approx(out[0][0], rel=1e-5)
+    torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-4, atol=1e-5)
 
 
 def test_bad_lever_flags_are_refused():

@@ -244,7 +244,9 @@ class CausalDiT(nn.Module):
         """s (B, T) float, actions (B, T) long -> per-frame conditioning (B, T, D)."""
         if actions.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"actions must be an integer tensor, got {actions.dtype}")
-        if actions.numel() and (int(actions.min()) < 0 or int(actions.max()) > self.cfg.num_actions):
+        # a compiled forward (train.teacher --compile) skips this message, whose .min() would break its graph; the
+        # compiled embedding still stops on an index out of range (inductor's bounds check), with a plainer error
+        if actions.numel() and not torch.compiler.is_compiling() and (int(actions.min()) < 0 or int(actions.max()) > self.cfg.num_actions):
             raise ValueError(f"actions must lie in [0, {self.cfg.num_actions - 1}] (or {self.cfg.num_actions} for the null action), got range [{int(actions.min())}, {int(actions.max())}]")
         return self.t_embed(s) + self.a_embed(actions)
 
