@@ -16,7 +16,9 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 def run(*args: str, ok: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
     p = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
     if ok:
-        assert p.returncode == 0, f"{args} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+        # stderr's head too: under torchrun the rank that failed first prints its traceback before the launcher's summary
+        err = p.stderr if len(p.stderr) <= 8000 else f"{p.stderr[:5000]}\n[...]\n{p.stderr[-3000:]}"
+        assert p.returncode == 0, f"{args} failed:\n{p.stdout[-3000:]}\n{err}"
     return p
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from train.dataset import iter_windows, list_shards, load_shard
-from train.common import Dist, barrier
+from train.common import Dist, barrier, write_json
 from worldmodel.checkpoint import read_config
 from worldmodel.tokenizer import FrameTokenizer
 
@@ -47,10 +47,11 @@ def check_stamp(lat: Path, tok_dir: Path, hint: str) -> None:
 def encode_latents(data: Path, tok_dir: Path, lat: Path, d: Dist) -> tuple[list[Path], list[Path]]:
     """Train and held-out latent shards of `data`, encoded once into `lat` with the tokenizer in `tok_dir`."""
     check_stamp(lat, tok_dir, "delete it or use a new --out")
+    barrier()  # every rank has read the old stamp (if any) before the main one writes it
     tok = FrameTokenizer.load(tok_dir, device=d.device).eval()
     lat.mkdir(parents=True, exist_ok=True)
-    if d.is_main:
-        (lat / "tokenizer.json").write_text(json.dumps(read_config(tok_dir)))
+    if d.is_main:  # written whole, then renamed: a rank never reads half a stamp
+        write_json(lat / "tokenizer.json", read_config(tok_dir))
     train = encode_split(data, "train", tok, lat, d.rank, d.world_size)
     held = encode_split(data, "heldout", tok, lat, d.rank, d.world_size)
     barrier()
