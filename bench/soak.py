@@ -23,6 +23,9 @@ at step 1000 (when steps >= 1000) and at the last step:
     flicker            mean absolute frame-to-frame pixel change (0..255)
     pixel_std          mean per-frame pixel std (a collapsed, flat frame has ~0)
     layout_ok          rate of frames with a paddle AND a readable score AND bricks_left >= 1
+    clutter            mean stray red on the open court, in balls (the probe's `clutter`; a real frame has 0):
+                       a court strewn with blobs keeps its layout and "sees" a ball in every frame, and this
+                       is the figure that tells it from a clean one (NaN for probes without it)
     collapsed          frames with pixel std < 5% of the start context's mean, or whose layout is not ok
     ends               steps with end_prob > 0.5
 The summary per model: RSS at step 1000 and at the end and their difference, the largest max_position
@@ -100,8 +103,10 @@ def frame_stats(probe: Callable[[np.ndarray], dict[str, np.ndarray]], frames: np
         flicker = np.concatenate([[np.nan], np.abs(np.diff(f, axis=0)).mean((1, 2, 3))])
     else:
         flicker = np.abs(np.diff(np.concatenate([prev[None].astype(np.float32), f]), axis=0)).mean((1, 2, 3))
+    clutter = p["clutter"] if "clutter" in p else np.full(len(f), np.nan)
     return {"paddle": paddle, "ball": ~np.isnan(p["ball_x"]), "score": score, "bricks": p["bricks_left"].astype(np.float64),
-            "flicker": flicker, "std": f.reshape(len(f), -1).std(1), "layout": paddle & score & (p["bricks_left"] >= 1)}
+            "flicker": flicker, "std": f.reshape(len(f), -1).std(1), "layout": paddle & score & (p["bricks_left"] >= 1),
+            "clutter": clutter}
 
 
 class Aggregate:
@@ -110,11 +115,11 @@ class Aggregate:
     def __init__(self, collapse_std: float) -> None:
         self.collapse_std = collapse_std
         self.frames = self.flicker_n = self.steps = self.ends = 0
-        self.sums = dict.fromkeys(("paddle", "ball", "score", "bricks", "flicker", "std", "layout", "collapsed"), 0.0)
+        self.sums = dict.fromkeys(("paddle", "ball", "score", "bricks", "flicker", "std", "layout", "collapsed", "clutter"), 0.0)
 
     def add(self, s: dict[str, np.ndarray]) -> None:
         self.frames += len(s["std"])
-        for k in ("paddle", "ball", "score", "bricks", "std", "layout"):
+        for k in ("paddle", "ball", "score", "bricks", "std", "layout", "clutter"):
             self.sums[k] += float(s[k].sum())
         ok = ~np.isnan(s["flicker"])
         self.sums["flicker"] += float(s["flicker"][ok].sum())
@@ -126,7 +131,8 @@ class Aggregate:
         return {"frames": self.frames, "paddle_rate": self.sums["paddle"] / n, "ball_rate": self.sums["ball"] / n,
                 "score_rate": self.sums["score"] / n, "bricks_mean": self.sums["bricks"] / n,
                 "flicker": self.sums["flicker"] / self.flicker_n if self.flicker_n else math.nan,
-                "pixel_std": self.sums["std"] / n, "layout_ok_rate": self.sums["layout"] / n, "collapsed": int(self.sums["collapsed"])}
+                "pixel_std": self.sums["std"] / n, "layout_ok_rate": self.sums["layout"] / n, "collapsed": int(self.sums["collapsed"]),
+                "clutter": self.sums["clutter"] / n}
 
 
 def real_reference(probe, frames: np.ndarray, collapse_std: float) -> dict[str, Any]:
@@ -326,13 +332,13 @@ def soak(model_path: str | os.PathLike, steps: int, every: int, start: int, seed
 
 # ----- output -----
 ROW_HEAD = (f"{'step':>7} {'RSS MiB':>8} {'maxpos':>6} {'cache KiB':>9} {'steps/s':>8} {'paddle':>6} {'ball':>5} {'score':>5} "
-            f"{'bricks':>6} {'flicker':>7} {'std':>6} {'layout':>6} {'collapsed':>9} {'ends':>5}")
+            f"{'bricks':>6} {'flicker':>7} {'std':>6} {'layout':>6} {'clutter':>7} {'collapsed':>9} {'ends':>5}")
 
 
 def fmt_row(r: dict[str, Any]) -> str:
     return (f"{r['step']:>7} {r['rss_mib']:>8.1f} {r['max_position']:>6} {r['cache_bytes'] / 1024:>9.1f} {r['steps_per_s']:>8.1f} "
             f"{r['paddle_rate']:>6.3f} {r['ball_rate']:>5.2f} {r['score_rate']:>5.2f} {r['bricks_mean']:>6.1f} {r['flicker']:>7.2f} "
-            f"{r['pixel_std']:>6.1f} {r['layout_ok_rate']:>6.3f} {r['collapsed']:>9} {r['ends']:>5}")
+            f"{r['pixel_std']:>6.1f} {r['layout_ok_rate']:>6.3f} {r['clutter']:>7.1f} {r['collapsed']:>9} {r['ends']:>5}")
 
 
 def _num(v: Any, spec: str, width: int) -> str:
@@ -340,13 +346,13 @@ def _num(v: Any, spec: str, width: int) -> str:
 
 
 COMPARE_HEAD = (f"{'model':<22} {'steps':>6} {'steps/s':>8} {'RSS 1k':>7} {'RSS end':>7} {'dRSS':>6} {'maxpos/bound':>12} {'cache const':>11} "
-                f"{'layout':>6} {'paddle':>6} {'ball':>5} {'score':>5} {'bricks':>6} {'flicker':>7} {'std':>6} {'break@':>6} {'ends':>5}")
+                f"{'layout':>6} {'paddle':>6} {'ball':>5} {'score':>5} {'bricks':>6} {'flicker':>7} {'std':>6} {'clutter':>7} {'break@':>6} {'ends':>5}")
 
 
 def fmt_compare(name: str, s: dict[str, Any] | None, probe_rates: dict[str, Any], width: int = 22) -> str:
     p = probe_rates
     rates = (f"{p['layout_ok_rate']:>6.3f} {p['paddle_rate']:>6.3f} {p['ball_rate']:>5.2f} {p['score_rate']:>5.2f} "
-             f"{p['bricks_mean']:>6.1f} {p['flicker']:>7.2f} {p['pixel_std']:>6.1f}")
+             f"{p['bricks_mean']:>6.1f} {p['flicker']:>7.2f} {p['pixel_std']:>6.1f} {p['clutter']:>7.1f}")
     if s is None:
         return f"{name:<{width}} {'-':>6} {'-':>8} {'-':>7} {'-':>7} {'-':>6} {'-':>12} {'-':>11} {rates} {'-':>6} {'-':>5}"
     return (f"{name:<{width}} {s['steps']:>6} {s['steps_per_s']:>8.1f} {_num(s['rss_1k_mib'], '7.1f', 7)} {s['rss_end_mib']:>7.1f} "

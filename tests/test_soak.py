@@ -90,12 +90,28 @@ def test_numbers_finite_and_sane(result):
         assert r["frames"] == EVERY * result["cache"]["frames_per_chunk"]
         for k in ("paddle_rate", "ball_rate", "score_rate", "layout_ok_rate"):
             assert 0.0 <= r[k] <= 1.0
-        assert 0 <= r["collapsed"] <= r["frames"] and 0 <= r["ends"] <= EVERY and r["steps_per_s"] > 0
+        assert 0 <= r["collapsed"] <= r["frames"] and 0 <= r["ends"] <= EVERY and r["steps_per_s"] > 0 and r["clutter"] >= 0
     s, real = result["summary"], result["real"]
     assert s["overall_frames"] == STEPS * result["cache"]["frames_per_chunk"] and s["wall_s"] > 0
     assert s["rss_1k_mib"] is None and s["rss_growth_1k_to_end_mib"] is None  # no row at 1000 in a 300-step run
     # the real start frames look like the game to the probe
     assert real["paddle_rate"] == 1.0 and real["score_rate"] == 1.0 and real["layout_ok_rate"] == 1.0 and real["collapsed"] == 0
+    assert real["clutter"] == 0.0
+
+
+def test_clutter_tells_a_strewn_court_from_a_clean_one(model):
+    """Stray red blobs on the open court keep the layout (paddle, score, bricks) and give the probe a "ball":
+    only the clutter column tells the court from a clean one, in balls of stray red."""
+    from bench.soak import frame_stats
+    from envs.probe import probe_breakout
+
+    clean = load_start_frames(model / "start_frames.npz")[0][0].copy()  # (T, 64, 64, 3) real frames
+    strewn = clean.copy()
+    for y, x in ((30, 12), (34, 40), (38, 25)):  # three 2x2 blobs of the ball's red, below the bricks, above the paddle
+        strewn[:, y:y + 2, x:x + 2] = (200, 72, 72)
+    a, b = frame_stats(probe_breakout, clean, None), frame_stats(probe_breakout, strewn, None)
+    assert b["layout"].all() and (a["layout"] == b["layout"]).all() and b["ball"].all()
+    assert (a["clutter"] == 0).all() and (b["clutter"] > 1).all()
 
 
 def test_same_seed_same_run(model):

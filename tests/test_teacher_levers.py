@@ -18,7 +18,7 @@ from train.latents import target_std
 from train.skeleton import Schedule
 from train.teacher import PackForward, changed, flow_loss, gate_loss, model_cfg, own_context, parse_args, teacher_loss
 from worldmodel.config import SamplingConfig, dit_config
-from worldmodel.dit import CausalDiT
+from worldmodel.dit import CausalDiT, previous_frames
 from worldmodel.config import X0_MIN_LEVEL
 from worldmodel.flow import x0_from_velocity
 from worldmodel.flow import sample_levels
@@ -423,6 +423,57 @@ def test_gate_loss_targets_the_cells_that_change_after_the_first_chunk():
     assert parts["gate/changed_cells"] == pytest.approx(3 / 32)
     below, parts = gate_loss(logit, x * 0.04, frames_per_chunk=1, threshold=0.05)  # a move below the threshold is no change
     assert parts["gate/changed_cells"] == 0 and below > 0.5
+
+
+def test_gate_loss_targets_the_cells_that_differ_from_the_context_it_was_given():
+    """Under error recycling the network reads its own frames: a cell its error spoiled in the context frame
+    differs from the real next frame, so it is a cell to rewrite (target 1), though the real frames there do
+    not change; a context equal to x0 gives the real-frames target."""
+    x = window_with_a_moving_dot()  # (1, 3, 2, 4, 4)
+    _, real = gate_loss(torch.zeros(1, 3, 1, 4, 4), x, frames_per_chunk=1, threshold=0.05)
+    _, same = gate_loss(torch.zeros(1, 3, 1, 4, 4), x, frames_per_chunk=1, threshold=0.05, context=x.clone())
+    assert same == real
+    spoiled = x.clone()
+    spoiled[0, 1, 0, 3, 0] += 0.5  # the network's own frame 1 has a speck at (3, 0), where nothing ever changes
+    want = torch.zeros(1, 2, 1, 4, 4, dtype=torch.bool)
+    want[0, 0, 0, 1, 1] = True
+    want[0, 1, 0, 1, 1] = want[0, 1, 0, 1, 2] = want[0, 1, 0, 3, 0] = True  # frame 2 must rewrite the speck
+    logit = torch.cat([torch.zeros(1, 1, 1, 4, 4), torch.where(want, 6.0, -6.0)], dim=1)
+    loss, parts = gate_loss(logit, x, frames_per_chunk=1, threshold=0.05, context=spoiled)
+    blind, _ = gate_loss(logit, x, frames_per_chunk=1, threshold=0.05)  # the same logits against the real frames' target
+    assert parts["gate/changed_cells"] == pytest.approx(4 / 32) and parts["gate/recall"] == 1 and parts["gate/precision"] == 1
+    assert loss < 0.01 < blind
+
+
+def test_own_context_keeps_the_previous_frame_where_the_change_gate_says_no():
+    """With a change gate, the network's own frames are gated as at play: a cell whose change probability is
+    below SamplingConfig.gate is the real previous frame's, the others the network's one-step prediction."""
+    torch.manual_seed(0)
+    dit = CausalDiT(dit_config("tiny", in_channels=4, latent_size=(4, 4), num_actions=4, prev_frame=True, delta=True, predict="x0",
+                               change_gate=True))
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.normal_(0, 0.3)
+        dit.gate[-1].weight.mul_(20)  # logits spread on both sides of the threshold
+        dit.gate[-1].bias.zero_()
+    model = PackForward(dit)
+    B, T = 4, 4
+    x0 = torch.randn(B, T, 4, 4, 4)
+    a = torch.randint(0, 4, (B, T))
+    own = own_context(model, x0, a, 1.0, torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    torch.rand(B, generator=g)
+    s = sample_levels((B, T), generator=g)
+    noisy = (1 - s[..., None, None, None]) * x0 + s[..., None, None, None] * torch.randn(x0.shape, generator=g)
+    with torch.no_grad():
+        v, heads = model(x0, noisy, torch.zeros_like(s), s, a, a)
+    pred, prev = x0_from_velocity(noisy, v, s), previous_frames(x0, 1)
+    keep = (torch.sigmoid(heads.change_logit) < SamplingConfig().gate).expand_as(x0)
+    assert keep[:, 1:].any() and not keep[:, 1:].all()  # random weights: the gate keeps some cells and opens others
+    assert (pred[:, 1:] - prev[:, 1:]).abs().min() > 0  # so each cell tells which of the two it holds
+    torch.testing.assert_close(own[:, 1:][keep[:, 1:]], prev[:, 1:][keep[:, 1:]])
+    torch.testing.assert_close(own[:, 1:][~keep[:, 1:]], pred[:, 1:][~keep[:, 1:]])
+    torch.testing.assert_close(own[:, :1], x0[:, :1])
 
 
 def test_sampling_gate_threshold_is_checked_and_written_only_when_set():

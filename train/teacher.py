@@ -144,12 +144,15 @@ def flow_loss(v: torch.Tensor, target: torch.Tensor, x0: torch.Tensor, change_we
     return weighted, {"loss/flow": plain.item(), "loss/flow_weighted": weighted.item(), "changed_fraction": moved.mean().item(), "changed_weight_share": share.item()}
 
 
-def gate_loss(logit: torch.Tensor, x0: torch.Tensor, frames_per_chunk: int, threshold: float) -> tuple[torch.Tensor, dict[str, float]]:
+def gate_loss(logit: torch.Tensor, x0: torch.Tensor, frames_per_chunk: int, threshold: float,
+              context: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The change gate's cross-entropy: logits (B, T, 1, h, w) against the latent cells of the real window x0
-    (B, T, C, h, w) that change from the previous frame (any channel by more than `threshold`), over the frames
-    after the first chunk (the first has no previous frame). Also logs the share of cells that change and the
-    gate's recall and precision at probability 0.5."""
-    prev = previous_frames(x0, frames_per_chunk)
+    (B, T, C, h, w) that differ (any channel by more than `threshold`) from the previous frame the network was
+    given: that of `context` (B, T, C, h, w), the clean stream it read (default: x0 itself). Under error
+    recycling the context holds the network's own frames, so a cell its own error spoiled is a cell to rewrite,
+    as it is at play. Over the frames after the first chunk (the first has no previous frame). Also logs the
+    share of cells that change and the gate's recall and precision at probability 0.5."""
+    prev = previous_frames(x0 if context is None else context, frames_per_chunk)
     target = ((x0 - prev).abs().amax(dim=2, keepdim=True) > threshold)[:, frames_per_chunk:]
     z = logit[:, frames_per_chunk:].float()
     loss = F.binary_cross_entropy_with_logits(z, target.float())
@@ -176,8 +179,11 @@ def own_context(model: torch.nn.Module, x0: torch.Tensor, a: torch.Tensor, share
     s = sample_levels((B, T // Fc), generator=g, mean=level_mean).repeat_interleave(Fc, dim=1).to(dev)
     noisy = add_noise(x0, randn_on(x0, g if g_dev is None else g_dev), s)
     with torch.no_grad():
-        v, _ = model(x0, noisy, torch.zeros_like(s), s, a, a)
+        v, heads = model(x0, noisy, torch.zeros_like(s), s, a, a)
         own = x0_from_velocity(noisy, v.float(), s)  # x_s - s v: the velocity is what the loss fits, at every level
+        if heads.change_logit is not None:  # as at play: the cells the change gate calls unchanged keep the previous frame
+            keep = torch.sigmoid(heads.change_logit.float()) < SamplingConfig.gate
+            own = torch.where(keep, previous_frames(x0, Fc), own)
     own[:, :Fc] = x0[:, :Fc]
     return torch.where(pick.view(B, 1, 1, 1, 1), own, x0)
 
@@ -208,7 +214,8 @@ def teacher_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], args: a
     noisy = add_noise(x0, eps, s)
     # --bf16: the network's matrix products in bfloat16 (weights, optimizer, velocity maths and losses stay float32)
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=getattr(args, "bf16", False)):
-        clean = add_noise(own_context(model, x0, a, args.own_context, g, args.level_mean, g_dev), eps_ctx, s_ctx)
+        context = own_context(model, x0, a, args.own_context, g, args.level_mean, g_dev)
+        clean = add_noise(context, eps_ctx, s_ctx)
         drop = (torch.rand(B, n, generator=g) < args.action_drop).repeat_interleave(Fc, dim=1).to(dev)
         noisy_a = torch.where(drop, torch.full_like(a, num_actions), a)
         v, heads = model(clean, noisy, s_ctx, s, a, noisy_a)
@@ -216,7 +223,7 @@ def teacher_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], args: a
     l_heads, head_parts = head_loss(heads, batch["rewards"], batch["terminated"])
     loss = flow + args.head_weight * l_heads
     if heads.change_logit is not None:
-        l_gate, gate_parts = gate_loss(heads.change_logit, x0, Fc, args.change_threshold)
+        l_gate, gate_parts = gate_loss(heads.change_logit, x0, Fc, args.change_threshold, context=context)
         loss = loss + args.gate_weight * l_gate
         head_parts.update(gate_parts)
     return loss, {**flow_parts, **head_parts}
