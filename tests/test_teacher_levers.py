@@ -262,6 +262,9 @@ def test_teacher_with_every_lever_trains_exports_and_plays(data, tokenizer, tmp_
     p = run("-m", "train.teacher", "--data", str(data), "--tokenizer", str(tokenizer), "--out", str(tmp_path / "again"), *TEACHER, *levers,
             "--sigma-data", str(cfg["sigma_data"]), "--init", str(out / "model"), "--steps", "1")
     assert f"initialised from {out / 'model'}" in p.stdout, p.stdout[-2000:]
+    trained = json.loads((tmp_path / "again" / "model" / "config.json").read_text())["trained"]
+    assert trained["steps"] == 1 and trained["total_steps"] == 4 and trained["init"]["trained"]["steps"] == 3  # the steps behind a fine-tuned export
+    assert "after the 3 steps of the network it was initialised from" in (tmp_path / "again" / "model" / "README.md").read_text()
 
     wm = WorldModel.load(out / "model")
     frames, actions = load_start_frames(out / "model" / "start_frames.npz")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import math
 import sys
 from pathlib import Path
@@ -247,6 +248,19 @@ def init_source(path: Path, cfg: DiTConfig, ignore: tuple[str, ...] = ()) -> tup
     return folder, added
 
 
+def init_history(path: Path) -> dict | None:
+    """The "trained" record of the exported model --init named (its folder or that folder's dit/), so that a
+    fine-tuned export says how many steps stand behind it; None for a training checkpoint or a folder without one."""
+    for folder in (path, path.parent) if path.name == "dit" else (path,):
+        try:
+            trained = json.loads((folder / "config.json").read_text()).get("trained")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(trained, dict) and isinstance(trained.get("steps"), int):
+            return trained
+    return None
+
+
 def init_weights(dit: CausalDiT, ema: CausalDiT, path: Path) -> str:
     """Load the weights of a training checkpoint (raw into `dit`, EMA into `ema`), an exported model folder or
     a DiT folder (its weights into both). The source's network must have the shape of `dit`'s config, except
@@ -352,17 +366,24 @@ def train(args: argparse.Namespace) -> int:
         info = {"game": meta["game"], "env_id": meta.get("env_id"), "action_meanings": meta["action_meanings"], "frame_size": list(meta["frame_size"]),
                 "frameskip": meta["frameskip"], "sampling": SamplingConfig(steps=args.sample_steps).to_json(),
                 "trained": {"stage": "teacher", "steps": run.step, "preset": args.preset, "data": str(data)}}
-        export_world(run.out, ema, tok_dir, info, data, card(train_args, meta, n_params, run.step, run.wall(), d))
+        prior = None
+        if getattr(train_args, "init", None):
+            prior = init_history(Path(train_args.init))
+            info["trained"]["init"] = {"path": str(train_args.init), **({"trained": prior} if prior else {})}
+            if prior:
+                info["trained"]["total_steps"] = run.step + prior.get("total_steps", prior["steps"])
+        export_world(run.out, ema, tok_dir, info, data, card(train_args, meta, n_params, run.step, run.wall(), d, prior))
     run.close()
     return 0
 
 
-def card(args: argparse.Namespace, meta: dict, n_params: int, step: int, wall: float, d) -> str:
+def card(args: argparse.Namespace, meta: dict, n_params: int, step: int, wall: float, d, prior: dict | None = None) -> str:
+    before = f" after the {prior.get('total_steps', prior['steps'])} steps of the network it was initialised from" if prior else ""
     return model_card(f"{meta['game']} (teacher)", [
         f"Stage: teacher (flow matching, teacher forcing), preset `{args.preset}`, {n_params / 1e6:.2f}M parameters",
         f"Data: {meta.get('splits', {}).get('train', {}).get('steps', '?')} training steps of real {meta['game']} play recorded by `train.collect`",
-        f"Optimizer steps: {step}, batch {args.batch_size} windows of {args.frames} frames",
-        f"Hardware: {hardware(d)} x {d.world_size} process(es); wall time {wall / 60:.1f} min (latent encoding and training, all resumed parts)",
+        f"Optimizer steps: {step}{before}, batch {args.batch_size} windows of {args.frames} frames",
+        f"Hardware: {hardware(d)} x {d.world_size} process(es); wall time {wall / 60:.1f} min (latent encoding and training, all resumed parts{'; not counting the training of the network it was initialised from' if getattr(args, 'init', None) else ''})",
         f"Network: predicts {args.predict}{f' (sigma_data {args.sigma_data})' if getattr(args, 'sigma_data', None) else ''}; previous frame concatenated {('yes' + (f', {args.prev_stack} frames stacked' if getattr(args, 'prev_stack', 1) > 1 else '')) if args.prev_frame else 'no'}, change-from-previous parameterisation {'yes' if args.delta else 'no'}; "
         f"flow loss change weight {args.change_weight} (threshold {args.change_threshold}); logit-normal level mean {args.level_mean}; "
         f"own-prediction context (error recycling) on {getattr(args, 'own_context', 0.0):.0%} of windows",
