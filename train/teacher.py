@@ -182,9 +182,10 @@ def own_context(model: torch.nn.Module, x0: torch.Tensor, a: torch.Tensor, share
     with torch.no_grad():
         v, heads = model(x0, noisy, torch.zeros_like(s), s, a, a)
         own = x0_from_velocity(noisy, v.float(), s)  # x_s - s v: the velocity is what the loss fits, at every level
-        if heads.change_logit is not None:  # as at play: the cells the change gate calls unchanged keep the previous frame
-            keep = torch.sigmoid(heads.change_logit.float()) < SamplingConfig.gate
-            own = torch.where(keep, previous_frames(x0, Fc), own)
+        prev = previous_frames(x0, Fc)
+        keep = network(model).gate_keep(heads.change_logit, prev)  # as at play: cells the change gate calls unchanged
+        if keep is not None:                                          # keep the previous frame
+            own = torch.where(keep, prev, own)
     own[:, :Fc] = x0[:, :Fc]
     return torch.where(pick.view(B, 1, 1, 1, 1), own, x0)
 
@@ -275,9 +276,15 @@ def init_weights(dit: CausalDiT, ema: CausalDiT, path: Path) -> str:
     return f" ({'raw and EMA' if groups[0][0] == 'raw' else 'EMA'} weights{'; the refiner starts as the identity' if added else ''})"
 
 
+def network(model: torch.nn.Module) -> CausalDiT:
+    """The CausalDiT inside the training wrappers: torch.compile's, DDP and PackForward."""
+    model = getattr(model, "_orig_mod", model)
+    model = model.module if isinstance(model, DDP) else model
+    return getattr(model, "dit", model)
+
+
 def model_cfg(model: torch.nn.Module) -> DiTConfig:
-    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
-    return (model.module if isinstance(model, DDP) else model).cfg
+    return network(model).cfg
 
 
 class PackForward(torch.nn.Module):
@@ -366,23 +373,24 @@ def train(args: argparse.Namespace) -> int:
         info = {"game": meta["game"], "env_id": meta.get("env_id"), "action_meanings": meta["action_meanings"], "frame_size": list(meta["frame_size"]),
                 "frameskip": meta["frameskip"], "sampling": SamplingConfig(steps=args.sample_steps).to_json(),
                 "trained": {"stage": "teacher", "steps": run.step, "preset": args.preset, "data": str(data)}}
-        prior = None
+        before = None  # the steps behind an --init network, where its export says
         if getattr(train_args, "init", None):
             prior = init_history(Path(train_args.init))
             info["trained"]["init"] = {"path": str(train_args.init), **({"trained": prior} if prior else {})}
             if prior:
-                info["trained"]["total_steps"] = run.step + prior.get("total_steps", prior["steps"])
-        export_world(run.out, ema, tok_dir, info, data, card(train_args, meta, n_params, run.step, run.wall(), d, prior))
+                before = prior.get("total_steps", prior["steps"])
+                info["trained"]["total_steps"] = run.step + before
+        export_world(run.out, ema, tok_dir, info, data, card(train_args, meta, n_params, run.step, run.wall(), d, before))
     run.close()
     return 0
 
 
-def card(args: argparse.Namespace, meta: dict, n_params: int, step: int, wall: float, d, prior: dict | None = None) -> str:
-    before = f" after the {prior.get('total_steps', prior['steps'])} steps of the network it was initialised from" if prior else ""
+def card(args: argparse.Namespace, meta: dict, n_params: int, step: int, wall: float, d, before: int | None = None) -> str:
+    after = f" after the {before} steps of the network it was initialised from" if before is not None else ""
     return model_card(f"{meta['game']} (teacher)", [
         f"Stage: teacher (flow matching, teacher forcing), preset `{args.preset}`, {n_params / 1e6:.2f}M parameters",
         f"Data: {meta.get('splits', {}).get('train', {}).get('steps', '?')} training steps of real {meta['game']} play recorded by `train.collect`",
-        f"Optimizer steps: {step}{before}, batch {args.batch_size} windows of {args.frames} frames",
+        f"Optimizer steps: {step}{after}, batch {args.batch_size} windows of {args.frames} frames",
         f"Hardware: {hardware(d)} x {d.world_size} process(es); wall time {wall / 60:.1f} min (latent encoding and training, all resumed parts{'; not counting the training of the network it was initialised from' if getattr(args, 'init', None) else ''})",
         f"Network: predicts {args.predict}{f' (sigma_data {args.sigma_data})' if getattr(args, 'sigma_data', None) else ''}; previous frame concatenated {('yes' + (f', {args.prev_stack} frames stacked' if getattr(args, 'prev_stack', 1) > 1 else '')) if args.prev_frame else 'no'}, change-from-previous parameterisation {'yes' if args.delta else 'no'}; "
         f"flow loss change weight {args.change_weight} (threshold {args.change_threshold}); logit-normal level mean {args.level_mean}; "
