@@ -101,6 +101,55 @@ def test_dmd_from_a_cm_student_and_under_torchrun(dcm_student, teacher, data, tm
     assert (tmp_path / "ddp" / "model" / "README.md").is_file()
 
 
+@pytest.fixture(scope="module")
+def gated_teacher(data, tokenizer, tmp_path_factory) -> Path:
+    """A tiny teacher of the shipped design: previous frame, change target, clean-frame output, change gate."""
+    from tests.conftest import TEACHER
+
+    out = tmp_path_factory.mktemp("gated")
+    run("-m", "train.teacher", "--data", str(data), "--tokenizer", str(tokenizer), "--out", str(out), "--steps", "2", *TEACHER,
+        "--prev-frame", "--delta", "--predict", "x0", "--change-gate")
+    return out
+
+
+def test_both_stages_keep_training_the_change_gate_of_a_gated_teacher(gated_teacher, teacher, data, tmp_path):
+    """The student inherits the teacher's change gate; both stages train it on the cells that really change
+    (at the levels they train), --gate-weight 0 leaves it alone, and the students play gated."""
+    run("-m", "train.consistency", *stage_args(gated_teacher, data, tmp_path / "cm"), "--variant", "dcm", "--steps", "2", *CM)
+    run("-m", "train.dmd", *stage_args(gated_teacher, data, tmp_path / "dmd"), "--init", str(tmp_path / "cm" / "model"), "--steps", "2", *DMD)
+    for stage, key in (("cm", "loss/dcm"), ("dmd", "loss/dmd")):
+        rows = [r for r in read_log(tmp_path / stage) if key in r]
+        assert len(rows) == 2 and all(np.isfinite(r["loss/gate"]) and 0 < r["gate/changed_cells"] < 1 for r in rows), rows
+        wm = WorldModel.load(tmp_path / stage / "model")
+        assert wm.gate == 0.5
+    run("-m", "train.consistency", *stage_args(gated_teacher, data, tmp_path / "off"), "--variant", "dcm", "--steps", "1", "--gate-weight", "0", *CM)
+    assert not any("loss/gate" in r for r in read_log(tmp_path / "off"))
+    p = run("-m", "train.dmd", *stage_args(gated_teacher, data, tmp_path / "bad"), "--gate-weight", "-1", ok=False)
+    assert p.returncode == 2 and "--gate-weight must be >= 0" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_student_gate_loss_is_the_weighted_gate_cross_entropy_and_zero_without_a_gate():
+    import argparse
+
+    import torch
+
+    from train.objectives import gate_loss
+    from train.student import student_gate_loss
+    from worldmodel.dit import Heads
+
+    x = torch.zeros(2, 3, 1, 4, 4)
+    x[:, 2, 0, 1, 1] = 1.0  # one cell changes in the last frame
+    logit = torch.randn(2, 3, 1, 4, 4)
+    args = argparse.Namespace(gate_weight=3.0, change_threshold=0.05)
+    heads = Heads(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3))
+    loss, parts = student_gate_loss(heads, x, 1, args)
+    assert loss.item() == 0 and parts == {}  # a network without a gate
+    heads.change_logit = torch.cat([logit, logit])  # a guided pass: 2B rows, the conditional half first
+    loss, parts = student_gate_loss(heads, x, 1, args)
+    ref, _ = gate_loss(logit, x, 1, 0.05)
+    assert loss.item() == pytest.approx(3.0 * ref.item()) and parts["gate/changed_cells"] == pytest.approx(1 / 32)
+
+
 def test_stages_reject_bad_input(teacher, data, tmp_path):
     p = run("-m", "train.dmd", *stage_args(teacher, data, tmp_path), "--frames", "4", "--context", "4", ok=False)
     assert p.returncode == 2 and "leaves nothing to generate" in p.stderr and "Traceback" not in p.stderr
@@ -117,6 +166,9 @@ def test_pipeline_runs_every_stage_then_skips_them(nproc, tmp_path):
     for stage in ("collect", "tokenizer", "teacher", "consistency", "dmd"):
         assert f"{stage}]" in p.stdout
     assert (out / "dmd" / "model" / "config.json").is_file()
+    cfg = json.loads((out / "dmd" / "model" / "dit" / "config.json").read_text())["config"]
+    assert cfg["prev_frame"] and cfg["delta"] and cfg["predict"] == "x0" and cfg["change_gate"]  # the shipped design, end to end
+    assert json.loads((out / "tokenizer" / "tokenizer" / "config.json").read_text())["config"]["kind"] == "patch"
     if nproc == 2:
         assert "--nproc_per_node=2" in p.stdout
     p = run("-m", "train.pipeline", "--out", str(out), "--tiny", "--nproc", str(nproc))

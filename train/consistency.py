@@ -18,9 +18,9 @@ sees the real chunks before it, exactly as in stage 2):
   is the autoregressive teacher's given the real frames before it; the student, at the trajectory's point at
   one of its denoising levels (`--student-steps`, which should be stage 4's `--train-steps`: 1, 3/4, 1/2, 1/4
   for 4), regresses its clean prediction onto the ODE's end.
-The reward/end heads keep learning from real labels. Quick held-out metrics (1- and 2-step teacher-forced
-PSNR, distance to the teacher's own 8-step ODE) are logged every `--eval-every` steps for the
-quality-against-steps curves. The exported student samples with the consistency solver.
+The reward/end heads keep learning from real labels, and an inherited change gate from the real changed cells.
+Quick held-out metrics (1- and 2-step teacher-forced PSNR, distance to the teacher's own 8-step ODE) are
+logged every `--eval-every` steps for the quality-against-steps curves. The exported student samples with the consistency solver.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from train.common import ema_update
 from train.latents import windows
 from train.objectives import at_levels, consistency_grid, dcm_loss, head_loss, ode_levels, ode_loss, ode_pairs, scm_loss
 from train.skeleton import UsageError, hardware, model_card, stage_main
-from train.student import Distill, add_common_args, check_common_args, pack_velocity, psnr_latent_decoded, start, tf_sample
+from train.student import Distill, add_common_args, check_common_args, pack_velocity, psnr_latent_decoded, start, student_gate_loss, tf_sample
 from worldmodel import cli
 from worldmodel.attention import attention_backend
 from worldmodel.dit import CausalDiT
@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def cm_loss(student: CausalDiT, teacher: CausalDiT, batch: dict[str, torch.Tensor], args: argparse.Namespace, step: int, g: torch.Generator,
             grid: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """The consistency loss of one batch of real windows (teacher-forcing pack, noised clean context), plus the heads."""
+    """The consistency loss of one batch of real windows (teacher-forcing pack, noised clean context), plus the heads and the change gate."""
     x0 = batch["latents"].float()  # (B, T, C, h, w)
     a = batch["actions"].long()  # (B, T)
     B, T = a.shape
@@ -93,7 +93,8 @@ def cm_loss(student: CausalDiT, teacher: CausalDiT, batch: dict[str, torch.Tenso
             loss, parts = scm_loss(f_student, f_teacher, x0, eps, s, warm)
         parts["scm/warmup"] = warm
     l_head, head_parts = head_loss(heads[-1], batch["rewards"], batch["terminated"])
-    return loss + args.head_weight * l_head, {**parts, **head_parts}
+    l_gate, gate_parts = student_gate_loss(heads[-1], x0, Fc, args)  # the gate at the levels this batch trains
+    return loss + args.head_weight * l_head + l_gate, {**parts, **head_parts, **gate_parts}
 
 
 def train(args: argparse.Namespace) -> int:

@@ -16,8 +16,8 @@ teacher (with action guidance), the fake score a critic initialised from the tea
 flow matching on the student's own rollouts, `--critic-steps` critic updates per student update. The
 student's gradient is (fake - real) in clean-prediction space, normalised by the mean absolute error of
 the teacher's prediction, the loss computed in float64 (`train.objectives.dmd_loss`); non-finite
-gradients are zeroed per frame and counted. The reward/end heads keep learning from real labels. The
-exported student (EMA weights) samples with the consistency solver at 1, 2 or 4 steps (any prefix-aligned
+gradients are zeroed per frame and counted. The reward/end heads keep learning from real labels, and an
+inherited change gate from the real changed cells at the exit levels. The exported student (EMA weights) samples with the consistency solver at 1, 2 or 4 steps (any prefix-aligned
 subset of the training levels).
 """
 from __future__ import annotations
@@ -33,10 +33,10 @@ from train.common import ema_update
 from train.latents import windows
 from train.objectives import critic_loss, dmd_loss, head_loss
 from train.skeleton import UsageError, hardware, model_card, stage_main, usage_errors
-from train.student import Distill, add_common_args, check_common_args, pack_velocity, psnr_latent_decoded, start
+from train.student import Distill, add_common_args, check_common_args, pack_velocity, psnr_latent_decoded, start, student_gate_loss
 from worldmodel import cli
 from worldmodel.dit import CausalDiT, load_dit
-from worldmodel.flow import sampling_levels
+from worldmodel.flow import add_noise, sampling_levels
 from worldmodel.sampler import denoise, randn_worlds, recache
 
 
@@ -136,7 +136,7 @@ def train(args: argparse.Namespace) -> int:
             for k, v in critic_parts.items():
                 parts[k] = parts.get(k, 0.0) + v / args.critic_steps
         batch, x_gen, s, eps = generate(grad=True)  # then one student update on a rollout with gradient
-        loss, student_parts = student_loss(student, teacher, critic, batch, x_gen, s, eps, args)
+        loss, student_parts = student_loss(student, teacher, critic, batch, x_gen, s, eps, args, g)
         gnorm = run.update(opt_s, loss, student, args.lr, sync=True, what="student loss")
         ema_update(ema, student, args.ema if run.step >= args.warmup else 0.0)
         run.step_done({**parts, **student_parts}, gnorm)
@@ -156,20 +156,27 @@ def generated(batch: dict[str, torch.Tensor], context: int) -> torch.Tensor:
 
 
 def student_loss(student: CausalDiT, teacher: CausalDiT, critic: CausalDiT, batch: dict[str, torch.Tensor], x_gen: torch.Tensor, s: torch.Tensor,
-                 eps: torch.Tensor, args: argparse.Namespace) -> tuple[torch.Tensor, dict[str, float]]:
-    """DMD on the generated rollout (the real score: the guided teacher; the fake score: the critic), plus the heads."""
+                 eps: torch.Tensor, args: argparse.Namespace, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    """DMD on the generated rollout (the real score: the guided teacher; the fake score: the critic), plus the heads and the change gate."""
     a = batch["actions"].long()
     zeros = torch.zeros(a.shape, device=x_gen.device)
     ctx = x_gen.detach()
     real = pack_velocity(teacher, ctx, zeros, a, args.guidance)
     fake = pack_velocity(critic, ctx, zeros, a)  # called without gradient inside dmd_loss
     loss, parts = dmd_loss(x_gen, real, fake, s, eps, generated(batch, args.context))
-    # heads: the student's clean-stream features on real frames, real labels
+    # heads: the student's clean-stream features on real frames, real labels; the change gate on the real
+    # frames noised to the levels its denoising list exits from (where it acts at play)
     heads: list = []
     x_real = batch["latents"].float()
-    pack_velocity(student, x_real, zeros, a, heads=heads)(x_real, zeros)
+    Fc = student.cfg.frames_per_chunk
+    B, T = a.shape
+    exits = torch.tensor(sampling_levels(args.train_steps)[:-1])
+    s_gate = exits[torch.randint(0, len(exits), (B, T // Fc), generator=g)].repeat_interleave(Fc, 1).to(x_real.device)
+    noisy = add_noise(x_real, torch.randn(x_real.shape, generator=g).to(x_real.device), s_gate)
+    pack_velocity(student, x_real, zeros, a, heads=heads)(noisy, s_gate)
     l_head, head_parts = head_loss(heads[-1], batch["rewards"], batch["terminated"])
-    return loss.float() + args.head_weight * l_head, {**parts, **head_parts}
+    l_gate, gate_parts = student_gate_loss(heads[-1], x_real, Fc, args)
+    return loss.float() + args.head_weight * l_head + l_gate, {**parts, **head_parts, **gate_parts}
 
 
 def quick_metrics(setup: Distill, ema: CausalDiT, args: argparse.Namespace):

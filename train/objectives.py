@@ -23,7 +23,8 @@ teacher's prediction and computed in float64; `critic_loss` trains the fake scor
 generator's own samples.
 
 Every DiT stage (2, 3 and 4): `head_loss`, the reward/end heads of the clean stream against the real game's
-rewards and terminations.
+rewards and terminations; with a change gate (`DiTConfig.change_gate`), `gate_loss`, the gate against the
+latent cells that really change.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from worldmodel.dit import Heads
+from worldmodel.dit import Heads, previous_frames
 from worldmodel.flow import add_noise, expand, sampling_levels, x0_from_velocity
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -183,3 +184,21 @@ def head_loss(heads: Heads, rewards: torch.Tensor, terminated: torch.Tensor) -> 
     l_end = F.binary_cross_entropy_with_logits(heads.end_logit[:B], terminated.float())
     total = l_event + l_value + l_end
     return total, {"loss/reward_event": l_event.item(), "loss/reward_value": l_value.item(), "loss/end": l_end.item(), "loss/heads": total.item()}
+
+
+def gate_loss(logit: torch.Tensor, x0: torch.Tensor, frames_per_chunk: int, threshold: float,
+              context: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The change gate's cross-entropy: logits (B, T, 1, h, w) against the latent cells of the real window x0
+    (B, T, C, h, w) that differ (any channel by more than `threshold`) from the previous frame the network was
+    given: that of `context` (B, T, C, h, w), the clean stream it read (default: x0 itself). Under error
+    recycling the context holds the network's own frames, so a cell its own error spoiled is a cell to rewrite,
+    as it is at play. Over the frames after the first chunk (the first has no previous frame). Also logs the
+    share of cells that change and the gate's recall and precision at probability 0.5."""
+    prev = previous_frames(x0 if context is None else context, frames_per_chunk)
+    target = ((x0 - prev).abs().amax(dim=2, keepdim=True) > threshold)[:, frames_per_chunk:]
+    z = logit[:, frames_per_chunk:].float()
+    loss = F.binary_cross_entropy_with_logits(z, target.float())
+    said = z > 0
+    tp = (said & target).sum().item()
+    return loss, {"loss/gate": loss.item(), "gate/changed_cells": target.float().mean().item(),
+                  "gate/recall": tp / max(target.sum().item(), 1), "gate/precision": tp / max(said.sum().item(), 1)}

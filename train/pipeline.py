@@ -37,10 +37,19 @@ def stage_env() -> dict[str, str]:
 
 STAGES = ("collect", "tokenizer", "teacher", "consistency", "dmd")
 
+# the shipped design (assets/breakout_teacher, docs/ablation.md): 8x8 pixel patches for tokens, and a teacher
+# that reads the previous frame, predicts the clean change, weights the changed elements 50x and keeps the
+# previous frame's cells where its change gate says no; the students inherit it
+DESIGN = {
+    "tokenizer": ["--kind", "patch", "--config", '{"patch": 8}'],
+    "teacher": ["--prev-frame", "--delta", "--change-weight", "50", "--predict", "x0", "--change-gate", "--lr", "4e-4", "--batch-size", "8", "--frames", "9",
+                "--window-chunks", "7"],
+}
+
 # --tiny: a few optimizer steps per stage (smoke runs and CI), not a useful model
 TINY = {
     "collect": ["--steps", "400", "--heldout-steps", "200", "--episodes-per-shard", "2", "--max-episode-steps", "100"],
-    "tokenizer": ["--kind", "patch"],
+    "tokenizer": [],
     "teacher": ["--steps", "2", "--batch-size", "2", "--frames", "4", "--window-chunks", "3", "--sample-steps", "2", "--log-every", "1"],
     "consistency": ["--steps", "2", "--batch-size", "2", "--frames", "4", "--eval-every", "0", "--log-every", "1"],
     "dmd": ["--steps", "2", "--batch-size", "2", "--frames", "4", "--critic-steps", "1", "--eval-every", "0", "--log-every", "1"],
@@ -103,7 +112,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, Path, list[str]]]:
         ("consistency", cm / "model", [*common, "--out", str(cm), "--variant", args.variant]),
         ("dmd", dmd / "model", [*common, "--init", str(cm / "model"), "--out", str(dmd)]),
     ]
-    return [(name, done, [*cmd, *(TINY[name] if args.tiny else []), *args.extra_args.get(name, [])]) for name, done, cmd in steps]
+    return [(name, done, [*cmd, *DESIGN.get(name, []), *(TINY[name] if args.tiny else []), *args.extra_args.get(name, [])]) for name, done, cmd in steps]
 
 
 def collect_done(meta: Path) -> bool:

@@ -8,6 +8,7 @@ Stage 3 (`train.consistency`) and stage 4 (`train.dmd`) each stay one readable l
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -16,6 +17,7 @@ import torch
 
 from train.dataset import read_meta
 from train.latents import encode_latents, existing_latents, fixed_batch
+from train.objectives import gate_loss
 from train.skeleton import Run, Schedule, check_positive, export_world, usage_errors
 from worldmodel import cli
 from worldmodel.checkpoint import CheckpointError, read_config
@@ -45,6 +47,12 @@ def add_common_args(p: argparse.ArgumentParser, steps: int, lr: float, batch: in
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--export-only", action="store_true", help="write OUT/model from the latest checkpoint without training")
+    p.add_argument("--max-minutes", type=float, default=None, help="wall-time budget (all resumed parts): stop and export when it is spent, "
+                   "or at --steps if that comes first (equal-budget comparisons)")
+    p.add_argument("--gate-weight", type=float, default=1.0, help="networks with a change gate: weight of the gate's cross-entropy on real "
+                   "windows, which keeps the gate the student inherits in step with its features (0: the gate is left as it is)")
+    p.add_argument("--change-threshold", type=float, default=0.05, help="the gate's target: a latent cell changes when it moves by more than "
+                   "this (normalised latent units; as the teacher's train.teacher --change-threshold)")
 
 
 def check_common_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -53,6 +61,10 @@ def check_common_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
         p.error("--eval-every and --warmup must be >= 0")
     if not 0 <= args.ema < 1:
         p.error("--ema must lie in [0, 1)")
+    if args.max_minutes is not None and not (math.isfinite(args.max_minutes) and args.max_minutes > 0):
+        p.error("--max-minutes must be positive")
+    if not (math.isfinite(args.gate_weight) and args.gate_weight >= 0) or not (math.isfinite(args.change_threshold) and args.change_threshold > 0):
+        p.error("--gate-weight must be >= 0 and --change-threshold > 0 (finite)")
 
 
 @dataclass
@@ -85,7 +97,7 @@ class Distill:
 def start(args: argparse.Namespace, stage: str) -> Distill:
     """Processes, seeds, the frozen teacher, the data checked against it and its latents. The learning rate
     warms up and then holds (the distillation stages' practice: no decay)."""
-    run = Run.start(args, stage, Schedule(args.warmup, args.steps, min_ratio=1.0), args.export_only)
+    run = Run.start(args, stage, Schedule(args.warmup, args.steps, min_ratio=1.0, max_minutes=args.max_minutes), args.export_only)
     teacher_dir = Path(args.teacher)
     with usage_errors():
         teacher, info = load_teacher(teacher_dir, run.d.device)
@@ -114,6 +126,15 @@ def check_data(args: argparse.Namespace, info: dict) -> dict:
     if tuple(meta["frame_size"]) != tuple(info["frame_size"]):
         raise ValueError(f"dataset frames are {meta['frame_size']} but the teacher's are {info['frame_size']}")
     return meta
+
+
+def student_gate_loss(heads, x0: torch.Tensor, frames_per_chunk: int, args: argparse.Namespace) -> tuple[torch.Tensor, dict[str, float]]:
+    """The change gate's cross-entropy (`train.objectives.gate_loss`) on the noisy stream's gate logits of a
+    student pack over real windows x0, weighted by --gate-weight; zero for networks without a gate."""
+    if heads.change_logit is None or args.gate_weight == 0:
+        return torch.zeros((), device=x0.device), {}
+    loss, parts = gate_loss(heads.change_logit[: x0.shape[0]], x0, frames_per_chunk, args.change_threshold)
+    return args.gate_weight * loss, parts
 
 
 def pack_velocity(model: CausalDiT, clean: torch.Tensor, s_clean: torch.Tensor, actions: torch.Tensor, guidance: float = 1.0, heads: list | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

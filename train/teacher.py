@@ -25,13 +25,12 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from train.dataset import read_meta
 from train.common import ema_update
 from train.latents import check_stamp, encode_latents, target_std, windows
-from train.objectives import head_loss
+from train.objectives import gate_loss, head_loss
 from train.skeleton import Run, Schedule, UsageError, check_positive, export_world, hardware, model_card, read_network_config, stage_main, usage_errors
 from worldmodel import cli
 from worldmodel.checkpoint import CheckpointError, load_state, load_tensors
@@ -143,24 +142,6 @@ def flow_loss(v: torch.Tensor, target: torch.Tensor, x0: torch.Tensor, change_we
     weighted = (w * se).sum() / w.sum()
     share = (w * moved).sum() / w.sum()
     return weighted, {"loss/flow": plain.item(), "loss/flow_weighted": weighted.item(), "changed_fraction": moved.mean().item(), "changed_weight_share": share.item()}
-
-
-def gate_loss(logit: torch.Tensor, x0: torch.Tensor, frames_per_chunk: int, threshold: float,
-              context: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The change gate's cross-entropy: logits (B, T, 1, h, w) against the latent cells of the real window x0
-    (B, T, C, h, w) that differ (any channel by more than `threshold`) from the previous frame the network was
-    given: that of `context` (B, T, C, h, w), the clean stream it read (default: x0 itself). Under error
-    recycling the context holds the network's own frames, so a cell its own error spoiled is a cell to rewrite,
-    as it is at play. Over the frames after the first chunk (the first has no previous frame). Also logs the
-    share of cells that change and the gate's recall and precision at probability 0.5."""
-    prev = previous_frames(x0 if context is None else context, frames_per_chunk)
-    target = ((x0 - prev).abs().amax(dim=2, keepdim=True) > threshold)[:, frames_per_chunk:]
-    z = logit[:, frames_per_chunk:].float()
-    loss = F.binary_cross_entropy_with_logits(z, target.float())
-    said = z > 0
-    tp = (said & target).sum().item()
-    return loss, {"loss/gate": loss.item(), "gate/changed_cells": target.float().mean().item(),
-                  "gate/recall": tp / max(target.sum().item(), 1), "gate/precision": tp / max(said.sum().item(), 1)}
 
 
 def own_context(model: torch.nn.Module, x0: torch.Tensor, a: torch.Tensor, share: float, g: torch.Generator, level_mean: float = 0.0,
