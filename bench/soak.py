@@ -26,6 +26,9 @@ at step 1000 (when steps >= 1000) and at the last step:
     clutter            mean stray red on the open court, in balls (the probe's `clutter`; a real frame has 0):
                        a court strewn with blobs keeps its layout and "sees" a ball in every frame, and this
                        is the figure that tells it from a clean one (NaN for probes without it)
+    clean              rate of frames whose court is clean: clutter below CLEAN_CLUTTER (one ball's worth)
+    ball_clean         rate of frames with a ball seen on a clean court: the ball rate that blobs cannot fake
+                       (probes without clutter: the ball rate)
     collapsed          frames with pixel std < 5% of the start context's mean, or whose layout is not ok
     ends               steps with end_prob > 0.5
 The summary per model: RSS at step 1000 and at the end and their difference, the largest max_position
@@ -35,7 +38,7 @@ count, wall time and steps/s. The same probe rates on all frames of the model's 
 reference row "real (start frames)". With `--real-game`, the real game is played by the same policy and seed
 for as many steps (reset at each episode end, which the model never is) and its rates are the row "real
 game, same policy"; the summary gives the model's paddle and ball rates as shares of it
-(`paddle_rate_vs_real_game`, `ball_rate_vs_real_game`). Prints a table per model and a comparison table, writes JSON
+(`paddle_rate_vs_real_game`, `ball_rate_vs_real_game`, `ball_clean_rate_vs_real_game`). Prints a table per model and a comparison table, writes JSON
 (`--out`) and, with `--plot`, a 2x2 figure (RSS, layout-ok rate, paddle-found rate, flicker over steps).
 """
 from __future__ import annotations
@@ -63,6 +66,7 @@ PROBE_BATCH = 64  # frames probed at once: ~6x cheaper per frame than one by one
 COLLAPSE_STD_FRACTION = 0.05  # a frame whose pixel std is below this fraction of the start context's is flat
 LAYOUT_BREAK_RATE = 0.5  # the summary names the first row whose interval layout-ok rate falls below this
 END_THRESHOLD = 0.5
+CLEAN_CLUTTER = 1.0  # a court is clean below one ball's worth of stray red (every real frame has 0)
 REAL = "real (start frames)"
 
 
@@ -104,9 +108,11 @@ def frame_stats(probe: Callable[[np.ndarray], dict[str, np.ndarray]], frames: np
     else:
         flicker = np.abs(np.diff(np.concatenate([prev[None].astype(np.float32), f]), axis=0)).mean((1, 2, 3))
     clutter = p["clutter"] if "clutter" in p else np.full(len(f), np.nan)
-    return {"paddle": paddle, "ball": ~np.isnan(p["ball_x"]), "score": score, "bricks": p["bricks_left"].astype(np.float64),
+    clean = clutter < CLEAN_CLUTTER if "clutter" in p else np.ones(len(f), bool)
+    ball = ~np.isnan(p["ball_x"])
+    return {"paddle": paddle, "ball": ball, "score": score, "bricks": p["bricks_left"].astype(np.float64),
             "flicker": flicker, "std": f.reshape(len(f), -1).std(1), "layout": paddle & score & (p["bricks_left"] >= 1),
-            "clutter": clutter}
+            "clutter": clutter, "clean": clean, "ball_clean": ball & clean}
 
 
 class Aggregate:
@@ -115,11 +121,11 @@ class Aggregate:
     def __init__(self, collapse_std: float) -> None:
         self.collapse_std = collapse_std
         self.frames = self.flicker_n = self.steps = self.ends = 0
-        self.sums = dict.fromkeys(("paddle", "ball", "score", "bricks", "flicker", "std", "layout", "collapsed", "clutter"), 0.0)
+        self.sums = dict.fromkeys(("paddle", "ball", "score", "bricks", "flicker", "std", "layout", "collapsed", "clutter", "clean", "ball_clean"), 0.0)
 
     def add(self, s: dict[str, np.ndarray]) -> None:
         self.frames += len(s["std"])
-        for k in ("paddle", "ball", "score", "bricks", "std", "layout", "clutter"):
+        for k in ("paddle", "ball", "score", "bricks", "std", "layout", "clutter", "clean", "ball_clean"):
             self.sums[k] += float(s[k].sum())
         ok = ~np.isnan(s["flicker"])
         self.sums["flicker"] += float(s["flicker"][ok].sum())
@@ -132,7 +138,7 @@ class Aggregate:
                 "score_rate": self.sums["score"] / n, "bricks_mean": self.sums["bricks"] / n,
                 "flicker": self.sums["flicker"] / self.flicker_n if self.flicker_n else math.nan,
                 "pixel_std": self.sums["std"] / n, "layout_ok_rate": self.sums["layout"] / n, "collapsed": int(self.sums["collapsed"]),
-                "clutter": self.sums["clutter"] / n}
+                "clutter": self.sums["clutter"] / n, "clean_rate": self.sums["clean"] / n, "ball_clean_rate": self.sums["ball_clean"] / n}
 
 
 def real_reference(probe, frames: np.ndarray, collapse_std: float) -> dict[str, Any]:
@@ -322,7 +328,7 @@ def soak(model_path: str | os.PathLike, steps: int, every: int, start: int, seed
     if real_game:
         ref = real_game_reference(str(wm.info.get("game")), int(wm.info.get("frameskip", 4)), tuple(wm.frame_shape[:2]), steps, seed, policy_kind, probe, collapse_std)
         result["real_game"] = ref
-        for k in ("paddle_rate", "ball_rate"):  # the issue's long-play figures: the model's rates as a share of the real game's
+        for k in ("paddle_rate", "ball_rate", "ball_clean_rate"):  # the issue's long-play figures: the model's rates as a share of the real game's
             summary[f"{k}_vs_real_game"] = overall[k] / ref[k] if ref[k] else None
     wm.close()
     del wm, cache
@@ -332,13 +338,13 @@ def soak(model_path: str | os.PathLike, steps: int, every: int, start: int, seed
 
 # ----- output -----
 ROW_HEAD = (f"{'step':>7} {'RSS MiB':>8} {'maxpos':>6} {'cache KiB':>9} {'steps/s':>8} {'paddle':>6} {'ball':>5} {'score':>5} "
-            f"{'bricks':>6} {'flicker':>7} {'std':>6} {'layout':>6} {'clutter':>7} {'collapsed':>9} {'ends':>5}")
+            f"{'bricks':>6} {'flicker':>7} {'std':>6} {'layout':>6} {'clutter':>7} {'clean':>5} {'ball@c':>6} {'collapsed':>9} {'ends':>5}")
 
 
 def fmt_row(r: dict[str, Any]) -> str:
     return (f"{r['step']:>7} {r['rss_mib']:>8.1f} {r['max_position']:>6} {r['cache_bytes'] / 1024:>9.1f} {r['steps_per_s']:>8.1f} "
             f"{r['paddle_rate']:>6.3f} {r['ball_rate']:>5.2f} {r['score_rate']:>5.2f} {r['bricks_mean']:>6.1f} {r['flicker']:>7.2f} "
-            f"{r['pixel_std']:>6.1f} {r['layout_ok_rate']:>6.3f} {r['clutter']:>7.1f} {r['collapsed']:>9} {r['ends']:>5}")
+            f"{r['pixel_std']:>6.1f} {r['layout_ok_rate']:>6.3f} {r['clutter']:>7.1f} {r['clean_rate']:>5.2f} {r['ball_clean_rate']:>6.2f} {r['collapsed']:>9} {r['ends']:>5}")
 
 
 def _num(v: Any, spec: str, width: int) -> str:
@@ -346,13 +352,13 @@ def _num(v: Any, spec: str, width: int) -> str:
 
 
 COMPARE_HEAD = (f"{'model':<22} {'steps':>6} {'steps/s':>8} {'RSS 1k':>7} {'RSS end':>7} {'dRSS':>6} {'maxpos/bound':>12} {'cache const':>11} "
-                f"{'layout':>6} {'paddle':>6} {'ball':>5} {'score':>5} {'bricks':>6} {'flicker':>7} {'std':>6} {'clutter':>7} {'break@':>6} {'ends':>5}")
+                f"{'layout':>6} {'paddle':>6} {'ball':>5} {'score':>5} {'bricks':>6} {'flicker':>7} {'std':>6} {'clutter':>7} {'clean':>5} {'ball@c':>6} {'break@':>6} {'ends':>5}")
 
 
 def fmt_compare(name: str, s: dict[str, Any] | None, probe_rates: dict[str, Any], width: int = 22) -> str:
     p = probe_rates
     rates = (f"{p['layout_ok_rate']:>6.3f} {p['paddle_rate']:>6.3f} {p['ball_rate']:>5.2f} {p['score_rate']:>5.2f} "
-             f"{p['bricks_mean']:>6.1f} {p['flicker']:>7.2f} {p['pixel_std']:>6.1f} {p['clutter']:>7.1f}")
+             f"{p['bricks_mean']:>6.1f} {p['flicker']:>7.2f} {p['pixel_std']:>6.1f} {p['clutter']:>7.1f} {p['clean_rate']:>5.2f} {p['ball_clean_rate']:>6.2f}")
     if s is None:
         return f"{name:<{width}} {'-':>6} {'-':>8} {'-':>7} {'-':>7} {'-':>6} {'-':>12} {'-':>11} {rates} {'-':>6} {'-':>5}"
     return (f"{name:<{width}} {s['steps']:>6} {s['steps_per_s']:>8.1f} {_num(s['rss_1k_mib'], '7.1f', 7)} {s['rss_end_mib']:>7.1f} "
@@ -487,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
             g, s_ = res["real_game"], res["summary"]
             share = lambda k: "-" if s_[f"{k}_vs_real_game"] is None else f"{s_[f'{k}_vs_real_game']:.2f}"  # noqa: E731
             print(f"   real game, same policy ({g['steps']} steps, {g['episodes_ended']} episode ends): paddle {g['paddle_rate']:.3f}  ball {g['ball_rate']:.2f}  "
-                  f"score {g['score_rate']:.2f}; the model's paddle rate is {share('paddle_rate')} of it, its ball rate {share('ball_rate')}")
+                  f"score {g['score_rate']:.2f}; the model's paddle rate is {share('paddle_rate')} of it, its ball rate {share('ball_rate')}, "
+                  f"its ball-on-a-clean-court rate {share('ball_clean_rate')} (real {g['ball_clean_rate']:.2f})")
         print(f"   {REAL}: paddle {res['real']['paddle_rate']:.3f}  ball {res['real']['ball_rate']:.2f}  score {res['real']['score_rate']:.2f}  "
               f"layout {res['real']['layout_ok_rate']:.3f}  flicker {res['real']['flicker']:.2f}  std {res['real']['pixel_std']:.1f}")
         print(f"   cache: S={c['sink_chunks']} W={c['window_chunks']} F={c['frames_per_chunk']}, max position {s['max_position']} "

@@ -88,15 +88,16 @@ def test_numbers_finite_and_sane(result):
         for k, v in r.items():
             assert isinstance(v, (int, float)) and math.isfinite(v), (r["step"], k, v)
         assert r["frames"] == EVERY * result["cache"]["frames_per_chunk"]
-        for k in ("paddle_rate", "ball_rate", "score_rate", "layout_ok_rate"):
+        for k in ("paddle_rate", "ball_rate", "score_rate", "layout_ok_rate", "clean_rate", "ball_clean_rate"):
             assert 0.0 <= r[k] <= 1.0
+        assert r["ball_clean_rate"] <= min(r["ball_rate"], r["clean_rate"])
         assert 0 <= r["collapsed"] <= r["frames"] and 0 <= r["ends"] <= EVERY and r["steps_per_s"] > 0 and r["clutter"] >= 0
     s, real = result["summary"], result["real"]
     assert s["overall_frames"] == STEPS * result["cache"]["frames_per_chunk"] and s["wall_s"] > 0
     assert s["rss_1k_mib"] is None and s["rss_growth_1k_to_end_mib"] is None  # no row at 1000 in a 300-step run
     # the real start frames look like the game to the probe
     assert real["paddle_rate"] == 1.0 and real["score_rate"] == 1.0 and real["layout_ok_rate"] == 1.0 and real["collapsed"] == 0
-    assert real["clutter"] == 0.0
+    assert real["clutter"] == 0.0 and real["clean_rate"] == 1.0 and real["ball_clean_rate"] == real["ball_rate"]
 
 
 def test_clutter_tells_a_strewn_court_from_a_clean_one(model):
@@ -112,6 +113,9 @@ def test_clutter_tells_a_strewn_court_from_a_clean_one(model):
     a, b = frame_stats(probe_breakout, clean, None), frame_stats(probe_breakout, strewn, None)
     assert b["layout"].all() and (a["layout"] == b["layout"]).all() and b["ball"].all()
     assert (a["clutter"] == 0).all() and (b["clutter"] > 1).all()
+    # the clean-court rates: the strewn court's "ball" is not counted, the clean court's real one is
+    assert a["clean"].all() and not b["clean"].any() and not b["ball_clean"].any()
+    assert (a["ball_clean"] == a["ball"]).all()
 
 
 def test_same_seed_same_run(model):
