@@ -107,8 +107,10 @@ def frame_stats(probe: Callable[[np.ndarray], dict[str, np.ndarray]], frames: np
         flicker = np.concatenate([[np.nan], np.abs(np.diff(f, axis=0)).mean((1, 2, 3))])
     else:
         flicker = np.abs(np.diff(np.concatenate([prev[None].astype(np.float32), f]), axis=0)).mean((1, 2, 3))
-    clutter = p["clutter"] if "clutter" in p else np.full(len(f), np.nan)
-    clean = clutter < CLEAN_CLUTTER if "clutter" in p else np.ones(len(f), bool)
+    if "clutter" in p:
+        clutter, clean = p["clutter"], p["clutter"] < CLEAN_CLUTTER
+    else:
+        clutter, clean = np.full(len(f), np.nan), np.ones(len(f), bool)
     ball = ~np.isnan(p["ball_x"])
     return {"paddle": paddle, "ball": ball, "score": score, "bricks": p["bricks_left"].astype(np.float64),
             "flicker": flicker, "std": f.reshape(len(f), -1).std(1), "layout": paddle & score & (p["bricks_left"] >= 1),
@@ -118,14 +120,16 @@ def frame_stats(probe: Callable[[np.ndarray], dict[str, np.ndarray]], frames: np
 class Aggregate:
     """Running sums of frame_stats over an interval (or a whole run): constant memory however long."""
 
+    SUMMED = ("paddle", "ball", "score", "bricks", "std", "layout", "clutter", "clean", "ball_clean")  # summed as they are
+
     def __init__(self, collapse_std: float) -> None:
         self.collapse_std = collapse_std
         self.frames = self.flicker_n = self.steps = self.ends = 0
-        self.sums = dict.fromkeys(("paddle", "ball", "score", "bricks", "flicker", "std", "layout", "collapsed", "clutter", "clean", "ball_clean"), 0.0)
+        self.sums = dict.fromkeys((*self.SUMMED, "flicker", "collapsed"), 0.0)
 
     def add(self, s: dict[str, np.ndarray]) -> None:
         self.frames += len(s["std"])
-        for k in ("paddle", "ball", "score", "bricks", "std", "layout", "clutter", "clean", "ball_clean"):
+        for k in self.SUMMED:
             self.sums[k] += float(s[k].sum())
         ok = ~np.isnan(s["flicker"])
         self.sums["flicker"] += float(s["flicker"][ok].sum())
