@@ -439,11 +439,13 @@ def test_mlp_output_layer_writes_what_a_linear_one_cannot():
     assert loss.item() < 0.05 * lin_best
 
 
-def test_change_gate_keeps_the_previous_frames_cells_and_is_the_plain_network_when_off():
+@pytest.mark.parametrize("grain", [1, 2])
+def test_change_gate_keeps_the_previous_frames_cells_and_is_the_plain_network_when_off(grain):
     """DiTConfig.change_gate: off (threshold 0), cached generation equals the pack, the gate's logits included;
-    on, the clean prediction of every cell the gate calls unchanged is the previous frame's, exactly, and the
-    other cells are the network's as before; the first chunk of play, which has no previous frame, is never gated."""
-    model = make_model(predict="edm", prev_frame=True, delta=True, sigma_data=0.1, change_gate=True, window_chunks=3)
+    on, the clean prediction of every latent the gate calls unchanged is the previous frame's, exactly, and the
+    others are the network's as before; the first chunk of play, which has no previous frame, is never gated.
+    With gate_channels G, latent channel i follows decision i % G."""
+    model = make_model(predict="edm", prev_frame=True, delta=True, sigma_data=0.1, change_gate=True, window_chunks=3, gate_channels=grain)
     cfg = model.cfg
     g = torch.Generator().manual_seed(5)
     B, n = 2, 6
@@ -453,7 +455,7 @@ def test_change_gate_keeps_the_previous_frames_cells_and_is_the_plain_network_wh
     s = torch.rand(B, n, generator=g) * 0.9 + 0.05
     with torch.no_grad():
         v_pack, heads = model.forward_pack(clean, noisy, torch.zeros(B, n), s, actions)
-        assert heads.change_logit.shape == (B, n, 1, *cfg.latent_size)
+        assert heads.change_logit.shape == (B, n, grain, *cfg.latent_size)
         prev = model.previous_frames(clean)
         for threshold in (0.0, 0.5):
             model.gate_threshold = threshold
@@ -464,7 +466,8 @@ def test_change_gate_keeps_the_previous_frames_cells_and_is_the_plain_network_wh
                 torch.testing.assert_close(h.change_logit, heads.change_logit[:, sl], **TOL)
                 x0 = noisy[:, sl] - s[:, sl, None, None, None] * v  # the clean prediction (s above the x0 clip level)
                 x0_plain = noisy[:, sl] - s[:, sl, None, None, None] * v_pack[:, sl]
-                keep = (torch.sigmoid(h.change_logit) < threshold).expand_as(x0) & (i > 0)
+                said = torch.sigmoid(h.change_logit) < threshold  # (B, 1, G, h, w)
+                keep = torch.stack([said[:, :, c % grain] for c in range(cfg.in_channels)], dim=2) & (i > 0)
                 if threshold == 0:
                     torch.testing.assert_close(v, v_pack[:, sl], **TOL)
                 else:
@@ -473,9 +476,15 @@ def test_change_gate_keeps_the_previous_frames_cells_and_is_the_plain_network_wh
                 model.forward_cached(clean[:, sl], torch.zeros(B, 1), actions[:, sl], cache, commit=True)
             if threshold:
                 assert 0 < keep.float().mean() < 1  # the gate kept some cells of the last chunk and not others
+                if grain > 1:  # and the decisions of one cell differ somewhere
+                    assert (said.any(dim=2) != said.all(dim=2)).any()
 
 
 def test_change_gate_needs_a_change_target_and_a_clean_frame_output():
+    gated = dict(change_gate=True, delta=True, prev_frame=True, predict="x0")
+    for bad in (dict(**gated, gate_channels=3), dict(**gated, gate_channels=0), dict(gate_channels=2, delta=True, predict="x0")):
+        with pytest.raises(ValueError, match="gate_channels"):
+            dit_config("tiny", in_channels=4, latent_size=(4, 4), num_actions=4, **bad)
     for bad in (dict(change_gate=True), dict(change_gate=True, delta=True), dict(change_gate=True, predict="x0")):
         with pytest.raises(ValueError, match="change_gate"):
             dit_config("tiny", in_channels=4, latent_size=(4, 4), num_actions=4, **bad)

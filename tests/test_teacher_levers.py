@@ -230,6 +230,7 @@ def test_bad_lever_flags_are_refused():
     for bad in (["--change-weight", "-1"], ["--change-weight", "nan"], ["--change-threshold", "0"], ["--level-mean", "inf"],
                 ["--max-minutes", "0"], ["--patch-size", "0"], ["--own-context", "1.5"], ["--own-context", "-0.1"], ["--sigma-data", "0"], ["--sigma-data", "nan"], ["--predict", "eps"], ["--time-scale", "0"], ["--time-scale", "inf"], ["--sigma-data", "0.1"], ["--out-hidden", "-1"],
                 ["--change-gate"], ["--change-gate", "--delta"], ["--gate-weight", "0"], ["--gate-weight", "nan"],
+                ["--gate-channels", "4"], ["--prev-frame", "--delta", "--predict", "x0", "--change-gate", "--gate-channels", "0"],
                 ["--prev-stack", "2"], ["--prev-frame", "--prev-stack", "0"]):  # --sigma-data 0.1 without --predict edm
         with pytest.raises(SystemExit) as e:
             parse_args(base + bad)
@@ -394,6 +395,57 @@ def test_init_loads_a_checkpoint_and_starts_a_refiner_as_the_identity(tmp_path):
         init_weights(other, copy.deepcopy(other), tmp_path / "dit")
     with pytest.raises(CheckpointError, match="no checkpoint"):
         init_weights(fresh, ema, tmp_path / "nothing")
+
+
+def test_gate_loss_at_a_finer_grain_has_one_target_per_decision():
+    """gate_loss with G decisions per cell: decision j of a cell is 'changed' when any latent channel i with
+    i % G == j moved by more than the threshold. A known answer: 4 channels, G = 2, one cell where only channel
+    3 (decision 1) moves, another where only channel 0 (decision 0) moves."""
+    x0 = torch.zeros(1, 2, 4, 2, 2)
+    x0[0, 1, 3, 0, 0] = 1.0  # channel 3 -> decision 1, cell (0, 0)
+    x0[0, 1, 0, 1, 1] = 1.0  # channel 0 -> decision 0, cell (1, 1)
+    want = torch.zeros(1, 1, 2, 2, 2)
+    want[0, 0, 1, 0, 0] = want[0, 0, 0, 1, 1] = 1.0
+    logit = torch.where(want.bool(), 9.0, -9.0)
+    logit = torch.cat([torch.zeros(1, 1, 2, 2, 2), logit], dim=1)  # the first frame has no previous frame: not scored
+    loss, parts = gate_loss(logit, x0, 1, 0.05)
+    assert parts["gate/changed_cells"] == pytest.approx(2 / 8) and parts["gate/recall"] == parts["gate/precision"] == 1
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-9.0)), rel=1e-2)
+    wrong, _ = gate_loss(logit.flip(2), x0, 1, 0.05)  # the decisions of each cell swapped
+    assert wrong.item() > 2.0
+    _, per_cell = gate_loss(logit[:, :, :1], x0, 1, 0.05)  # one decision per cell: any channel moving makes the cell changed
+    assert per_cell["gate/changed_cells"] == pytest.approx(2 / 4)
+
+
+def test_init_copies_a_cell_gate_into_a_finer_one_exactly(tmp_path):
+    """--gate-channels G from a network with one decision per cell (--init): each new decision starts as a copy
+    of its cell's, so the finer network keeps the very latents the source kept, and generates the same frames."""
+    from train.teacher import init_weights
+    from worldmodel.checkpoint import CheckpointError
+    from worldmodel.dit import save_dit
+    base = dict(in_channels=4, latent_size=(4, 4), num_actions=4, prev_frame=True, delta=True, predict="x0", change_gate=True)
+    torch.manual_seed(0)
+    src = CausalDiT(dit_config("tiny", **base)).eval()
+    with torch.no_grad():
+        for p in src.parameters():
+            p.normal_(0, 0.3)
+    save_dit(src, tmp_path / "dit")
+    fine = CausalDiT(dit_config("tiny", **base, gate_channels=2)).eval()
+    init_weights(fine, copy.deepcopy(fine), tmp_path / "dit")
+    clean, noisy, s_clean, s, a = pack_inputs(src.cfg, seed=4)[:5]
+    with torch.no_grad():
+        v0, h0 = src.forward_pack(clean, noisy, s_clean, s, a)
+        v1, h1 = fine.forward_pack(clean, noisy, s_clean, s, a)
+    torch.testing.assert_close(v1, v0)
+    assert h1.change_logit.shape[2] == 2
+    torch.testing.assert_close(h1.change_logit, h0.change_logit.expand_as(h1.change_logit))
+    prev = torch.randn_like(clean)
+    keep0, keep1 = src.gate_keep(h0.change_logit, prev), fine.gate_keep(h1.change_logit, prev)
+    assert keep1.shape == clean.shape and torch.equal(keep0, keep1) and 0 < keep0.float().mean() < 1
+    coarse = CausalDiT(dit_config("tiny", **base, gate_channels=4))
+    save_dit(coarse, tmp_path / "g4")
+    with pytest.raises(CheckpointError, match="multiple"):
+        init_weights(fine, copy.deepcopy(fine), tmp_path / "g4")  # 4 decisions cannot be copied into 2
 
 
 def test_refiner_configs_are_checked():

@@ -188,14 +188,16 @@ def head_loss(heads: Heads, rewards: torch.Tensor, terminated: torch.Tensor) -> 
 
 def gate_loss(logit: torch.Tensor, x0: torch.Tensor, frames_per_chunk: int, threshold: float,
               context: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The change gate's cross-entropy: logits (B, T, 1, h, w) against the latent cells of the real window x0
-    (B, T, C, h, w) that differ (any channel by more than `threshold`) from the previous frame the network was
+    """The change gate's cross-entropy: logits (B, T, G, h, w) against the latent cells of the real window x0
+    (B, T, C, h, w) that differ (any of the decision's channels, i % G, by more than `threshold`) from the previous frame the network was
     given: that of `context` (B, T, C, h, w), the clean stream it read (default: x0 itself). Under error
     recycling the context holds the network's own frames, so a cell its own error spoiled is a cell to rewrite,
     as it is at play. Over the frames after the first chunk (the first has no previous frame). Also logs the
     share of cells that change and the gate's recall and precision at probability 0.5."""
     prev = previous_frames(x0 if context is None else context, frames_per_chunk)
-    target = ((x0 - prev).abs().amax(dim=2, keepdim=True) > threshold)[:, frames_per_chunk:]
+    B, T, C, h, w = x0.shape
+    G = logit.shape[2]  # the gate's grain (DiTConfig.gate_channels): decision j covers the channels i with i % G == j
+    target = ((x0 - prev).abs().reshape(B, T, C // G, G, h, w).amax(dim=2) > threshold)[:, frames_per_chunk:]
     z = logit[:, frames_per_chunk:].float()
     loss = F.binary_cross_entropy_with_logits(z, target.float())
     said = z > 0

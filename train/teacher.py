@@ -75,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--change-weight", type=float, default=0.0, help="extra flow-loss weight of latent elements that change from the previous frame (0: plain MSE)")
     p.add_argument("--change-threshold", type=float, default=0.05, help="an element changes when it moves by more than this (normalised latent units)")
     p.add_argument("--change-gate", action="store_true", help="a head that decides, per latent cell, whether it changes from the previous frame; generation keeps the previous frame's cell where it says no (Delta-IRIS's idea, per cell; needs --delta and --predict x0 or edm)")
+    p.add_argument("--gate-channels", type=int, default=1, metavar="G", help="with --change-gate: decisions per latent cell, latent channel i "
+                   "following decision i %% G (1: one per cell; with pixel patches of side P, P*P is one per pixel: the still pixels around a "
+                   "moving ball are the previous frame's); --init from a gate of another grain copies its decision to each of the new ones")
     p.add_argument("--gate-weight", type=float, default=1.0, help="weight of the change gate's cross-entropy (with --change-gate)")
     p.add_argument("--level-mean", type=float, default=0.0, help="mean of the logit-normal training noise levels; > 0 shifts training toward high noise")
     p.add_argument("--max-minutes", type=float, default=None, help="wall-time budget (all resumed parts): stop and export when it is spent; the schedule then follows whichever of --steps and this runs out first")
@@ -112,6 +115,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--prev-stack {args.prev_stack}: it must be >= 1, and above 1 it needs --prev-frame (it stacks the frames that --prev-frame concatenates)")
     if args.change_gate and not (args.delta and args.predict != "velocity"):
         p.error("--change-gate keeps cells of the previous frame: it needs --delta and --predict x0 or edm")
+    if args.gate_channels != 1 and not args.change_gate:
+        p.error("--gate-channels is the change gate's grain: it needs --change-gate")
+    if args.gate_channels < 1:
+        p.error(f"--gate-channels must be >= 1, got {args.gate_channels}")
     if not (math.isfinite(args.gate_weight) and args.gate_weight > 0):
         p.error(f"--gate-weight must be a positive number, got {args.gate_weight}")
     if not math.isfinite(args.level_mean):
@@ -223,6 +230,11 @@ def init_source(path: Path, cfg: DiTConfig, ignore: tuple[str, ...] = ()) -> tup
     added = bool(cfg.refine and not src.refine)
     if added:
         src = dataclasses.replace(src, refine=cfg.refine, pixel_patch=cfg.pixel_patch)
+    if src.change_gate and cfg.change_gate and src.gate_channels != cfg.gate_channels:
+        if cfg.gate_channels % src.gate_channels:
+            raise CheckpointError(f"{str(path)!r} has a change gate of {src.gate_channels} decisions per cell, which cannot be copied into "
+                                  f"{cfg.gate_channels} (--gate-channels must be a multiple of it)")
+        src = dataclasses.replace(src, gate_channels=cfg.gate_channels)  # its decisions are copied (see regrain_gate)
     theirs, ours = to_dict(src), to_dict(cfg)
     diff = sorted(k for k in ours if theirs[k] != ours[k] and k not in ignore)
     if diff:
@@ -243,6 +255,34 @@ def init_history(path: Path) -> dict | None:
     return None
 
 
+def gate_card(args: argparse.Namespace) -> str:
+    """The change gate in words, for the model card."""
+    if not getattr(args, "change_gate", False):
+        return "no"
+    g = getattr(args, "gate_channels", 1)
+    grain = "one decision per latent cell" if g == 1 else f"{g} decisions per latent cell (channel i follows decision i % {g})"
+    return f"yes ({grain}, cross-entropy weight {args.gate_weight})"
+
+
+def regrain_gate(tensors: dict[str, torch.Tensor], net: CausalDiT) -> dict[str, torch.Tensor]:
+    """Source weights whose change gate has fewer decisions per cell than `net`'s, with each of its decisions
+    copied to the finer ones it covers, so that the finer gate starts as the source's exactly: output row
+    g * p * p + k of the gate's last layer (decision g of token cell k, see `CausalDiT.unpatchify`) takes the
+    source's row (g % G_src) * p * p + k. Other weights pass as they are."""
+    if net.gate is None:
+        return tensors
+    out = dict(tensors)
+    n_cells = net.cfg.patch_size ** 2
+    for name in ("gate.1.weight", "gate.1.bias"):
+        src, want = tensors.get(name), net.state_dict()[name]
+        if src is None or src.shape[0] == want.shape[0]:
+            continue
+        g_src, g_new = src.shape[0] // n_cells, want.shape[0] // n_cells
+        rows = torch.tensor([(g % g_src) * n_cells + k for g in range(g_new) for k in range(n_cells)])
+        out[name] = src[rows].clone()
+    return out
+
+
 def init_weights(dit: CausalDiT, ema: CausalDiT, path: Path) -> str:
     """Load the weights of a training checkpoint (raw into `dit`, EMA into `ema`), an exported model folder or
     a DiT folder (its weights into both). The source's network must have the shape of `dit`'s config, except
@@ -250,7 +290,7 @@ def init_weights(dit: CausalDiT, ema: CausalDiT, path: Path) -> str:
     folder, added = init_source(path, dit.cfg)
     groups = [("raw", dit), ("model", ema)] if (folder / "raw.safetensors").is_file() else [("model", dit), ("model", ema)]
     for group, net in groups:
-        tensors = load_tensors(folder, group)
+        tensors = regrain_gate(load_tensors(folder, group), net)
         if added:  # the refiner the source lacks keeps this network's identity start
             tensors.update({k: v for k, v in net.state_dict().items() if k.startswith("refiner.")})
         load_state(net, tensors, f"{group}.safetensors in {str(folder)!r}")
@@ -293,6 +333,8 @@ def train(args: argparse.Namespace) -> int:
         shape["out_hidden"] = args.out_hidden
     if args.change_gate:
         shape["change_gate"] = True
+        if args.gate_channels != 1:
+            shape["gate_channels"] = args.gate_channels
     if args.prev_stack > 1:
         shape["prev_stack"] = args.prev_stack
     if args.refine:
@@ -378,7 +420,7 @@ def card(args: argparse.Namespace, meta: dict, n_params: int, step: int, wall: f
         f"own-prediction context (error recycling) on {getattr(args, 'own_context', 0.0):.0%} of windows",
         f"Output layer: {f'MLP of {args.out_hidden} hidden units' if getattr(args, 'out_hidden', 0) else 'linear'}; "
         f"pixel refiner: {f'{args.refine} hidden channels' if getattr(args, 'refine', 0) else 'none'}; "
-        f"change gate: {f'yes (cross-entropy weight {args.gate_weight})' if getattr(args, 'change_gate', False) else 'no'}" + (f"; initialised from {args.init}" if getattr(args, "init", None) else ""),
+        f"change gate: {gate_card(args)}" + (f"; initialised from {args.init}" if getattr(args, "init", None) else ""),
         f"Precision: {'bfloat16 autocast (float32 weights and losses)' if getattr(args, 'bf16', False) else 'float32'}; samples with {args.sample_steps} Euler steps by default",
     ], "train.teacher", args)
 

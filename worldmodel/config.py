@@ -137,6 +137,11 @@ class DiTConfig:
     # frame, so it cannot compound in a free rollout. Trained by cross-entropy against the cells that really
     # change (train.teacher --change-gate); the flow loss is unchanged. Needs `delta` and a clean-frame output.
     change_gate: bool = False
+    # The gate's grain: 1 decides per latent cell (all its channels at once); G > 1 gives each cell G decisions,
+    # latent channel i following decision i % G. With pixel patches (channels ordered colour, row, column),
+    # G = pixel_patch**2 is one decision per pixel: the still pixels of a cell that holds a small moving object
+    # (the ball) are the previous frame's exactly, where a per-cell gate lets the network's speckle in around it.
+    gate_channels: int = 1
 
     def __post_init__(self) -> None:
         self.latent_size = tuple(self.latent_size)
@@ -171,6 +176,10 @@ class DiTConfig:
             raise ValueError(f"prev_stack {self.prev_stack} stacks frames that prev_frame concatenates: it needs prev_frame")
         if self.change_gate and not (self.delta and self.predict != "velocity"):
             raise ValueError("change_gate keeps cells of the previous frame: it needs delta and predict 'x0' or 'edm'")
+        if self.gate_channels < 1 or self.in_channels % self.gate_channels:
+            raise ValueError(f"gate_channels must be >= 1 and divide in_channels {self.in_channels}, got {self.gate_channels}")
+        if self.gate_channels > 1 and not self.change_gate:
+            raise ValueError(f"gate_channels {self.gate_channels} is the change gate's grain: it needs change_gate")
 
     @property
     def uses_prev(self) -> bool:

@@ -182,7 +182,7 @@ class CausalDiT(nn.Module):
         self.final = FinalLayer(D, cfg.in_channels * p * p, cfg.out_hidden)
         self.heads = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, cfg.head_hidden), nn.SiLU(), nn.Linear(cfg.head_hidden, 3))
         self.refiner = PixelRefiner(cfg.pixel_patch, cfg.refine) if cfg.refine else None
-        self.gate = nn.Sequential(nn.LayerNorm(D, eps=1e-6), nn.Linear(D, p * p)) if cfg.change_gate else None
+        self.gate = nn.Sequential(nn.LayerNorm(D, eps=1e-6), nn.Linear(D, p * p * cfg.gate_channels)) if cfg.change_gate else None
         # generation keeps the previous frame's cell where the gate's probability of a change is below this
         # (0: the gate is off and every cell is the network's); set by the runtime from SamplingConfig.gate
         self.gate_threshold = 0.5
@@ -300,8 +300,8 @@ class CausalDiT(nn.Module):
     def velocity_out(self, out: torch.Tensor, x: torch.Tensor, s: torch.Tensor, prev: torch.Tensor | None, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Output tokens (B, T, N, C*p*p) of the noisy frames x (B, T, C, h, w) at levels s (B, T) -> velocity
         (B, T, C, h, w). With `delta` the network predicts the change (its velocity eps - (x0 - prev), or
-        x0 - prev), so prev is taken off (added back) to give the frame's. `keep` (B, T, 1, h, w) bool: latent
-        cells whose clean prediction is the previous frame's (the change gate, see `gate_keep`)."""
+        x0 - prev), so prev is taken off (added back) to give the frame's. `keep` (B, T, C, h, w) bool: latents
+        whose clean prediction is the previous frame's (the change gate, see `gate_keep`)."""
         o = self.unpatchify(out)
         if self.cfg.predict == "velocity":
             return o - prev if self.cfg.delta else o
@@ -319,23 +319,25 @@ class CausalDiT(nn.Module):
 
     def _body(self, x: torch.Tensor, c: torch.Tensor, attend: AttendFn, outputs: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """x (B, T, N, Din), c (B, T, D) -> (velocity tokens (B, T, N, Dout), or None without `outputs`; pooled
-        features (B, T, D); the change gate's logits (B, T, 1, h, w), or None without the gate or `outputs`)."""
+        features (B, T, D); the change gate's logits (B, T, G, h, w) (G: `gate_channels`), or None without the gate or `outputs`)."""
         h = self.x_embed(x)
         for blk in self.blocks:
             h = blk(h, c, attend)
         if not outputs:
             return None, h.mean(dim=2), None
-        gate = None if self.gate is None else self.unpatchify(self.gate(h).float(), channels=1)
+        gate = None if self.gate is None else self.unpatchify(self.gate(h).float(), channels=self.cfg.gate_channels)
         return self.final(h, c), h.mean(dim=2), gate
 
     def gate_keep(self, gate: torch.Tensor | None, prev: torch.Tensor | None) -> torch.Tensor | None:
-        """The cells (B, T, 1, h, w) bool that generation takes from the previous frame: the gate's probability
-        of a change below `gate_threshold`, in frames that have a previous frame (the first chunk of play has
-        none: its prev is zeros). None when there is no gate or it is switched off (threshold 0)."""
+        """The latents (B, T, C, h, w) bool that generation takes from the previous frame: the gate's probability
+        of a change below `gate_threshold` (decision i % G for channel i, see `DiTConfig.gate_channels`), in frames
+        that have a previous frame (the first chunk of play has none: its prev is zeros). None when there is no
+        gate or it is switched off (threshold 0)."""
         if gate is None or self.gate_threshold <= 0:
             return None
         has_prev = prev.flatten(2).abs().amax(-1) > 0  # (B, T)
-        return (torch.sigmoid(gate) < self.gate_threshold) & has_prev[:, :, None, None, None]
+        keep = (torch.sigmoid(gate) < self.gate_threshold) & has_prev[:, :, None, None, None]
+        return keep.repeat(1, 1, self.cfg.in_channels // keep.shape[2], 1, 1)
 
     def read_heads(self, feats: torch.Tensor) -> Heads:
         out = self.heads(feats).float()  # (B, T, 3)
