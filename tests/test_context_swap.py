@@ -58,3 +58,14 @@ def test_the_cli_runs_every_condition_and_refuses_other_games(tmp_path):
     assert "Breakout probe" in p.stderr and "Traceback" not in p.stderr
     p = run("-m", "train.context_swap", "--model", "assets/breakout", "--record-seeds", "1000", "--noise", "-1", ok=False)
     assert "--noise" in p.stderr
+    p = run("-m", "train.context_swap", "--model", "assets/breakout", "--record-seeds", "1000", "--gate", "1.5", ok=False)
+    assert "--gate must lie in [0, 1)" in p.stderr
+
+
+def test_a_gate_screen_runs_the_chosen_conditions_at_the_given_threshold(tmp_path):
+    out = tmp_path / "screen.json"
+    run("-m", "train.context_swap", "--model", "assets/breakout@1", "--record-seeds", "1000", "--horizon", "2", "--gate", "0.3",
+        "--conditions", "real", "own", "--out", str(out))
+    res = json.loads(out.read_text())
+    assert res["gate"] == 0.3 and [c["condition"] for c in res["conditions"]] == ["real", "own"]
+    assert all(c["clutter_last4"] >= 0 for c in res["conditions"])

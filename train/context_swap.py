@@ -1,7 +1,7 @@
 """Which part of a model's own frame spoils its next prediction: the context swapped piece by piece (Breakout).
 
     python -m train.context_swap --model PATH[@STEPS] --record-seeds 1000 ... 1015 [--policy scripted]
-        [--horizon 12] [--noise 2 8] [--out RESULT.json]
+        [--horizon 12] [--noise 2 8] [--gate P] [--conditions real own ...] [--out RESULT.json]
 
 A world model that predicts one step ahead well from the real past but loses the ball in a free rollout is
 hurt by something in its own frames. Each condition runs the model over the same real clips; at every step it
@@ -14,7 +14,9 @@ predicts the next frame under the clip's action, and the frame it is then given 
 - `real_scene_own_ball`: the real frame, with those boxes taken from the prediction (only the ball the model's).
 Reported per condition: the share of steps, over clips where the real game shows a ball, at which the
 prediction's ball lies within BALL_MATCH_PX of the real one (read by the Breakout probe), per step and over
-steps 2..H (step 1 always follows the real context). Where `real_scene_own_ball` falls as far as `own`, the
+steps 2..H (step 1 always follows the real context), and the stray red (the probe's clutter, in balls) of the
+predictions over the last 4 steps. `--gate P` runs a model with a change gate at threshold P (a screen of
+thresholds: one run per P, `--conditions real own`). Where `real_scene_own_ball` falls as far as `own`, the
 model's drawing of the ball itself (its place or its shape) spoils what follows, not a haze over the scene.
 """
 from __future__ import annotations
@@ -36,6 +38,7 @@ from worldmodel.runtime import WorldModel
 
 BOX = 3  # half-side of the square round a ball that the swaps exchange (pixels of the 64-px frame)
 SWAPS = ("own_scene_real_ball", "real_scene_own_ball")
+CONDITIONS = ("real", "own", "noise") + SWAPS
 
 
 def ball_boxes(ys: np.ndarray, xs: np.ndarray, shape: tuple[int, int], half: int = BOX) -> np.ndarray:
@@ -101,11 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=4, help="real frames before the first prediction")
     p.add_argument("--horizon", type=int, default=12)
     p.add_argument("--noise", type=float, nargs="*", default=[2.0, 8.0], metavar="S", help="pixel-noise conditions (standard deviations, of 255)")
+    p.add_argument("--gate", type=float, default=None, metavar="P", help="change-gate threshold in [0, 1) for a model with a gate (0: off; default: the model's)")
+    p.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS), help="which contexts to run")
     p.add_argument("--seed", type=cli.seed, default=0)
     p.add_argument("--out", default=None, help="write the result here as JSON")
     args = p.parse_args(argv)
     if args.context < 1 or args.horizon < 2:
         p.error("--context must be >= 1 and --horizon >= 2")
+    if args.gate is not None and not 0 <= args.gate < 1:
+        p.error(f"--gate must lie in [0, 1) (0: off), got {args.gate}")
     if any(not (np.isfinite(s) and s > 0) for s in args.noise):
         p.error(f"--noise levels must be positive numbers, got {args.noise}")
     try:
@@ -117,21 +124,25 @@ def main(argv: list[str] | None = None) -> int:
                            frameskip=int(info.get("frameskip", 4)), policy=args.policy)
         if not len(rec.frames):
             raise ValueError(f"no seed gave an episode of {args.context + args.horizon} steps")
-        wm = WorldModel.load(spec.path, steps=spec.steps, batch=len(rec.frames))
+        wm = WorldModel.load(spec.path, steps=spec.steps, batch=len(rec.frames), gate=args.gate)
     except (FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    conditions = [("real", 0.0), ("own", 0.0)] + [("noise", s) for s in args.noise] + [(c, 0.0) for c in SWAPS]
+    conditions = [(c, s) for c in args.conditions for s in (args.noise if c == "noise" else [0.0])]
     real = rec.frames[:, args.context:]
     rows = []
-    print(f"{spec.path}: ball within {BALL_MATCH_PX:g} px of the real one, % of clips, per step ({len(real)} clips)")
+    gate = "" if wm.gate is None else f", gate {wm.gate:g}"
+    print(f"{spec.path}{gate}: ball within {BALL_MATCH_PX:g} px of the real one, % of clips, per step ({len(real)} clips); clutter of the last 4 steps")
     for name, sigma in conditions:
-        match = ball_match(real, run_condition(wm, rec.frames, rec.actions, args.context, name, sigma, args.seed))
+        preds = run_condition(wm, rec.frames, rec.actions, args.context, name, sigma, args.seed)
+        match = ball_match(real, preds)
         label = f"{name} {sigma:g}" if name == "noise" else name
-        rows.append({"condition": label, "per_step": match.tolist(), "steps_2_on": float(np.nanmean(match[1:]))})
-        print(f"  {label:20s} {' '.join(f'{100 * m:3.0f}' for m in match)}   steps 2-{args.horizon}: {100 * rows[-1]['steps_2_on']:.0f}%", flush=True)
+        rows.append({"condition": label, "per_step": match.tolist(), "steps_2_on": float(np.nanmean(match[1:])),
+                     "clutter_last4": float(probe_breakout(preds)["clutter"][:, -4:].mean())})
+        print(f"  {label:20s} {' '.join(f'{100 * m:3.0f}' for m in match)}   steps 2-{args.horizon}: {100 * rows[-1]['steps_2_on']:3.0f}%"
+              f"   clutter {rows[-1]['clutter_last4']:5.1f}", flush=True)
     if args.out:
-        write_json(Path(args.out), {"model": str(spec.path), "steps": wm.sampling.steps, "seeds": rec.seeds, "policy": args.policy,
+        write_json(Path(args.out), {"model": str(spec.path), "steps": wm.sampling.steps, "gate": wm.gate, "seeds": rec.seeds, "policy": args.policy,
                                     "context": args.context, "horizon": args.horizon, "box": BOX, "conditions": rows})
     return 0
 
