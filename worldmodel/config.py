@@ -138,8 +138,8 @@ class DiTConfig:
     # change (train.teacher --change-gate); the flow loss is unchanged. Needs `delta` and a clean-frame output.
     change_gate: bool = False
     # The gate's grain: 1 decides per latent cell (all its channels at once); G > 1 gives each cell G decisions,
-    # latent channel i following decision i % G. With pixel patches (channels ordered colour, row, column),
-    # G = pixel_patch**2 is one decision per pixel: the still pixels of a cell that holds a small moving object
+    # latent channel i following decision i % G. With the patch tokenizer's P x P pixel patches (a cell's
+    # channels ordered colour, row, column), G = P * P is one decision per pixel: the still pixels of a cell that holds a small moving object
     # (the ball) are the previous frame's exactly, where a per-cell gate lets the network's speckle in around it.
     gate_channels: int = 1
 
