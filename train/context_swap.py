@@ -30,7 +30,7 @@ import numpy as np
 from envs.probe import probe_breakout
 from train.common import write_json
 from train.eval_clips import POLICIES, record_clips
-from train.eval_metrics import BALL_MATCH_PX
+from train.eval_metrics import BALL_MATCH_PX, probe_errors
 from train.evaluate import parse_spec
 from worldmodel import cli
 from worldmodel.checkpoint import CheckpointError, read_config
@@ -85,13 +85,11 @@ def run_condition(wm: WorldModel, clips: np.ndarray, actions: np.ndarray, contex
     return preds
 
 
-def ball_match(real: np.ndarray, preds: np.ndarray) -> np.ndarray:
-    """(H,) share of the clips whose real frame shows a ball where the prediction's lies within BALL_MATCH_PX
-    (NaN at a step where no clip shows one)."""
-    r, p = probe_breakout(real), probe_breakout(preds)
-    d = np.hypot(p["ball_y"] - r["ball_y"], p["ball_x"] - r["ball_x"])
-    seen = np.isfinite(r["ball_y"])
-    hit = np.where(seen, np.nan_to_num(d, nan=np.inf) <= BALL_MATCH_PX, np.nan)
+def ball_match(real: dict[str, np.ndarray], preds: dict[str, np.ndarray]) -> np.ndarray:
+    """Probe readings of real frames and predictions ({key: (E, H)}) -> (H,) share of the clips whose real frame
+    shows a ball where the prediction's lies within BALL_MATCH_PX (NaN at a step where no clip shows one)."""
+    seen = np.isfinite(real["ball_y"])
+    hit = np.where(seen, probe_errors(real, preds)["ball_match"], np.nan)
     with np.errstate(invalid="ignore"):
         return np.array([np.nanmean(hit[:, t]) if seen[:, t].any() else np.nan for t in range(hit.shape[1])])
 
@@ -122,23 +120,23 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"context_swap reads the ball with the Breakout probe; {spec.path} is a model of {info.get('game')!r}")
         rec = record_clips("Breakout", args.record_seeds, args.context + args.horizon, size=tuple(info["frame_size"]),
                            frameskip=int(info.get("frameskip", 4)), policy=args.policy)
-        if not len(rec.frames):
-            raise ValueError(f"no seed gave an episode of {args.context + args.horizon} steps")
         wm = WorldModel.load(spec.path, steps=spec.steps, batch=len(rec.frames), gate=args.gate)
     except (FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     conditions = [(c, s) for c in args.conditions for s in (args.noise if c == "noise" else [0.0])]
     real = rec.frames[:, args.context:]
+    truth = probe_breakout(real)
     rows = []
     gate = "" if wm.gate is None else f", gate {wm.gate:g}"
     print(f"{spec.path}{gate}: ball within {BALL_MATCH_PX:g} px of the real one, % of clips, per step ({len(real)} clips); clutter of the last 4 steps")
     for name, sigma in conditions:
         preds = run_condition(wm, rec.frames, rec.actions, args.context, name, sigma, args.seed)
-        match = ball_match(real, preds)
+        read = probe_breakout(preds)
+        match = ball_match(truth, read)
         label = f"{name} {sigma:g}" if name == "noise" else name
         rows.append({"condition": label, "per_step": match.tolist(), "steps_2_on": float(np.nanmean(match[1:])),
-                     "clutter_last4": float(probe_breakout(preds)["clutter"][:, -4:].mean())})
+                     "clutter_last4": float(read["clutter"][:, -4:].mean())})
         print(f"  {label:20s} {' '.join(f'{100 * m:3.0f}' for m in match)}   steps 2-{args.horizon}: {100 * rows[-1]['steps_2_on']:3.0f}%"
               f"   clutter {rows[-1]['clutter_last4']:5.1f}", flush=True)
     if args.out:
