@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(GameNGen's context noise, for models trained with it; default: the model's)")
     p.add_argument("--gate", type=float, default=None, metavar="P", help="change-gate threshold in [0, 1) for models trained with one (a latent cell whose "
                    "probability of changing is below P stays the previous frame's; 0: off; default: the model's)")
+    p.add_argument("--requantize", action=argparse.BooleanOptionalAction, default=None, help="each generated frame enters the model's context as the "
+                   "frame shown, encoded again like a real one (--no-requantize: the generated latents themselves; default: the model's)")
     p.add_argument("--fps", type=float, default=None, help="agent steps per second (default: the game's real pace, 15 for Atari)")
     p.add_argument("--scale", type=int, default=8, help="window (and --headless video) pixels per model pixel, nearest-neighbour")
     p.add_argument("--seed", type=cli.seed, default=0, help="seed of the start frames and the model's noise")
@@ -134,7 +136,8 @@ def make_adapter(args: argparse.Namespace, model: Path, random_policy: bool = Fa
     from worldmodel.checkpoint import CheckpointError
 
     try:
-        env = WorldModelEnv(model, steps=args.steps, guidance=args.guidance, device=args.device, dtype=args.dtype, context_noise=args.context_noise, gate=args.gate)
+        env = WorldModelEnv(model, steps=args.steps, guidance=args.guidance, device=args.device, dtype=args.dtype, context_noise=args.context_noise, gate=args.gate,
+                             requantize=args.requantize)
     except (CheckpointError, ValueError, OSError) as e:
         raise PlayError(f"cannot load the world model in {str(model)!r}: {e}\n{available_models()}") from None
     policy = PersistentRandom(int(env.action_space.n), np.random.default_rng(args.seed)) if random_policy else None
@@ -144,7 +147,7 @@ def make_adapter(args: argparse.Namespace, model: Path, random_policy: bool = Fa
     except ValueError as e:
         env.close()
         raise PlayError(str(e)) from None
-    meta = {"model": str(model), "seed": args.seed, "denoising_steps": env.wm.steps, "guidance": env.wm.guidance, "context_noise": env.wm.sampling.context_noise, "gate": env.wm.gate,
+    meta = {"model": str(model), "seed": args.seed, "denoising_steps": env.wm.steps, "guidance": env.wm.guidance, "context_noise": env.wm.sampling.context_noise, "gate": env.wm.gate, "requantize": env.wm.sampling.requantize,
             "policy": "keyboard" if policy is None else policy.description + ("" if args.headless else ", then keyboard"),
             "command": args.command}
     return PlayAdapter(env, fps=args.fps or env.metadata["render_fps"], record_dir=args.record_dir, policy=policy, meta=meta)

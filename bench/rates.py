@@ -41,11 +41,12 @@ def tally(steps: int, rewards: list[float], ends: int) -> dict[str, Any]:
     return {"steps": steps, **counts, **{f"{k}_per_1k": 1000.0 * v / steps if steps else math.nan for k, v in counts.items()}}
 
 
-def play_model(model: Path, worlds: int, steps: int, seed: int, end_threshold: float, denoise_steps: int | None) -> dict[str, Any]:
+def play_model(model: Path, worlds: int, steps: int, seed: int, end_threshold: float, denoise_steps: int | None,
+               requantize: bool | None = None) -> dict[str, Any]:
     from envs.policies import PersistentRandom
     from envs.vector_env import WorldModelVectorEnv
 
-    env = WorldModelVectorEnv(worlds, model=model, steps=denoise_steps, end_threshold=end_threshold)
+    env = WorldModelVectorEnv(worlds, model=model, steps=denoise_steps, end_threshold=end_threshold, requantize=requantize)
     policies = [PersistentRandom(int(env.single_action_space.n), np.random.default_rng(seed + i)) for i in range(worlds)]
     obs, _ = env.reset(seed=seed)
     rewards: list[float] = []
@@ -111,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=cli.seed, default=0, help="world i and real game i are seeded seed + i (policy, start context, noise, emulator)")
     p.add_argument("--end-threshold", type=float, default=0.5, help="the model's episode-end probability above which an episode ends")
     p.add_argument("--denoise-steps", type=int, default=None, help="denoising steps per chunk (default: the model's)")
+    p.add_argument("--requantize", action=argparse.BooleanOptionalAction, default=None, help="each generated chunk enters the context as the frames shown, encoded again like real ones "
+                   "(--no-requantize: the generated latents themselves; default: the model's)")
     p.add_argument("--factor", type=float, default=2.0, help="a rate is matched when model/real lies within this factor of 1")
     p.add_argument("--out", default=None, help="JSON results file")
     args = p.parse_args(argv)
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
     real = play_real(game, frameskip, args.worlds, args.steps, args.seed)
     try:
-        wm = play_model(model, args.worlds, args.steps, args.seed, args.end_threshold, args.denoise_steps)
+        wm = play_model(model, args.worlds, args.steps, args.seed, args.end_threshold, args.denoise_steps, args.requantize)
     except (ValueError, CheckpointError, NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

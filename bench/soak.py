@@ -204,10 +204,11 @@ def report_steps(steps: int, every: int) -> list[int]:
 
 # ----- the soak -----
 def soak(model_path: str | os.PathLike, steps: int, every: int, start: int, seed: int, denoise_steps: int | None = None,
-         on_row: Callable[[dict[str, Any]], None] | None = None, policy_kind: str = "random", real_game: bool = False, gate: float | None = None) -> dict[str, Any]:
+         on_row: Callable[[dict[str, Any]], None] | None = None, policy_kind: str = "random", real_game: bool = False, gate: float | None = None,
+         requantize: bool | None = None) -> dict[str, Any]:
     """Play one world of the model at `model_path` for `steps` steps from start context `start` without
     resetting, under `policy_kind` ("random" or "serve"); a row every `every` steps (and at step 1000 and the
-    last step). `on_row(row)` is called as each row is made. `gate`: the change gate's threshold (None: the
+    last step). `on_row(row)` is called as each row is made. `gate`: the change gate's threshold, `requantize` SamplingConfig's (None: the
     model's). With `real_game`, the real game is played by the same policy for as many steps too ("real_game").
     Returns {config, cache, real, rows, summary} (see the module docstring)."""
     import torch
@@ -222,7 +223,7 @@ def soak(model_path: str | os.PathLike, steps: int, every: int, start: int, seed
         raise ValueError(f"unknown soak policy {policy_kind!r}; choose one of {POLICIES}")
     model_path = Path(model_path)
     t_load = time.perf_counter()
-    wm = WorldModel.load(model_path, steps=denoise_steps, gate=gate)
+    wm = WorldModel.load(model_path, steps=denoise_steps, gate=gate, requantize=requantize)
     load_s = time.perf_counter() - t_load
     probe = probe_for(wm.info.get("game", ""))
     if probe is None:
@@ -322,7 +323,7 @@ def soak(model_path: str | os.PathLike, steps: int, every: int, start: int, seed
     }
     result = {
         "config": {"model": str(model_path), "steps": steps, "every": every, "start": start, "seed": seed, "denoise_steps": wm.steps,
-                   "denoise_steps_override": denoise_steps, "gate": wm.gate, "policy": policy.description, "game": wm.info.get("game")},
+                   "denoise_steps_override": denoise_steps, "gate": wm.gate, "requantize": wm.sampling.requantize, "policy": policy.description, "game": wm.info.get("game")},
         "cache": {"sink_chunks": cache.S, "window_chunks": cache.W, "frames_per_chunk": F, "max_position_bound": bound,
                   "chunks_played": int(cache.n_chunks.max())},
         "start_context_pixel_std": context_std, "collapse_std_threshold": collapse_std, "rss_source": rss_source,
@@ -457,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"world-model folder, repeatable; a plain PATH is named after its folder (default: {DEFAULT_MODEL})")
     p.add_argument("--denoise-steps", type=int, default=None, help="denoising steps per chunk (default: the model's)")
     p.add_argument("--gate", type=float, default=None, metavar="P", help="change-gate threshold in [0, 1) for models trained with one (0: off; default: the model's)")
+    p.add_argument("--requantize", action=argparse.BooleanOptionalAction, default=None, help="each generated chunk enters the context as the frames shown, encoded again like real ones "
+                   "(--no-requantize: the generated latents themselves; default: the model's)")
     p.add_argument("--steps", type=int, default=10000, help="steps to play without resetting")
     p.add_argument("--every", type=int, default=500, help="steps between rows (there is also one at step 1000 and at the end)")
     p.add_argument("--start", type=int, default=0, help="index of the start context in the model's start_frames.npz")
@@ -490,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n== {name} ({path}): {args.steps} steps from start context {args.start}, seed {args.seed}", flush=True)
         print(ROW_HEAD, flush=True)
         res = soak(path, args.steps, args.every, args.start, args.seed, args.denoise_steps, on_row=lambda r: print(fmt_row(r), flush=True),
-                   policy_kind=args.policy, real_game=args.real_game, gate=args.gate)
+                   policy_kind=args.policy, real_game=args.real_game, gate=args.gate,
+                   requantize=args.requantize)
         results[name] = res
         s, c = res["summary"], res["cache"]
         if "real_game" in res:
@@ -522,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rss_sources = {r["rss_source"] for r in results.values()}
     report = {"config": {"models": {n: str(pth) for n, pth in models}, "steps": args.steps, "every": args.every, "start": args.start, "seed": args.seed,
-                         "denoise_steps": args.denoise_steps, "gate": args.gate, "plot": args.plot, "policy": args.policy, "real_game": args.real_game},
+                         "denoise_steps": args.denoise_steps, "gate": args.gate, "requantize": args.requantize, "plot": args.plot, "policy": args.policy, "real_game": args.real_game},
               "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
               "machine": platform.processor() or platform.machine(), "rss_source": sorted(rss_sources)[0] if len(rss_sources) == 1 else sorted(rss_sources),
               "models": {n: {k: v for k, v in r.items() if k != "snapshots"} for n, r in results.items()}}

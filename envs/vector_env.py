@@ -36,7 +36,7 @@ class WorldModelVectorEnv(VectorEnv):
     def __init__(self, num_envs: int = 1, model: str | os.PathLike = DEFAULT_MODEL, steps: int | None = None,
                  guidance: float | None = None, frame_stack: int = 1, render_mode: str | None = None, device: str = "cpu",
                  context: int | None = None, max_episode_steps: int | None = None, end_threshold: float = 0.5, dtype: str = "float32",
-                 context_noise: float | None = None, gate: float | None = None) -> None:
+                 context_noise: float | None = None, gate: float | None = None, requantize: bool | None = None) -> None:
         if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be an integer >= 1, got {num_envs!r}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -47,7 +47,7 @@ class WorldModelVectorEnv(VectorEnv):
         self.num_envs = int(num_envs)
         self.model_path = Path(model)
         self.wm, self.start_frames, self.start_actions = load_world_model(self.model_path, steps=steps, guidance=guidance, device=device, batch=self.num_envs, context=context, dtype=dtype,
-                                                                          context_noise=context_noise, gate=gate)
+                                                                          context_noise=context_noise, gate=gate, requantize=requantize)
         self.frame_stack = check_frame_stack(frame_stack)
         self.render_mode = render_mode
         self.max_episode_steps = max_episode_steps

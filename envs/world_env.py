@@ -97,6 +97,9 @@ class WorldModelEnv(gym.Env):
     - `gate`: the change gate's threshold for models trained with one (`train.teacher --change-gate`): a latent
       cell whose probability of changing is below it stays the previous frame's; 0 switches the gate off (None:
       the model's own, 0.5).
+    - `requantize`: True makes each generated chunk enter the model's context as the uint8 frames it shows,
+      encoded again like the real start frames; False commits the generated latents themselves (None: the
+      model's own; the shipped model's config sets True).
     - `frame_stack`: frames per observation (1: (H, W, 3); k > 1: (k, H, W, 3), newest last).
     - `render_mode`: None, "rgb_array" (`render()` returns the newest frame) or "human" (a pygame window,
       scaled up 8x nearest-neighbour, at `metadata["render_fps"]`).
@@ -115,13 +118,14 @@ class WorldModelEnv(gym.Env):
 
     def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, steps: int | None = None, guidance: float | None = None,
                  frame_stack: int = 1, render_mode: str | None = None, device: str = "cpu", context: int | None = None,
-                 end_threshold: float = 0.5, dtype: str = "float32", context_noise: float | None = None, gate: float | None = None) -> None:
+                 end_threshold: float = 0.5, dtype: str = "float32", context_noise: float | None = None, gate: float | None = None,
+                 requantize: bool | None = None) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
         check_end_threshold(end_threshold)
         self.model_path = Path(model)
         self.wm, self.start_frames, self.start_actions = load_world_model(self.model_path, steps=steps, guidance=guidance, device=device, batch=1, context=context, dtype=dtype,
-                                                                          context_noise=context_noise, gate=gate)
+                                                                          context_noise=context_noise, gate=gate, requantize=requantize)
         self.frame_stack = check_frame_stack(frame_stack)
         self.render_mode = render_mode
         self.end_threshold = end_threshold
@@ -223,7 +227,7 @@ def start_display(pygame) -> None:
 
 # ----- shared with the vector env -----
 def load_world_model(model: Path, *, steps: int | None, guidance: float | None, device: str, batch: int, context: int | None, dtype: str = "float32",
-                     context_noise: float | None = None, gate: float | None = None) -> tuple[WorldModel, np.ndarray, np.ndarray]:
+                     context_noise: float | None = None, gate: float | None = None, requantize: bool | None = None) -> tuple[WorldModel, np.ndarray, np.ndarray]:
     """The runtime for `batch` worlds and the folder's start contexts cut to their last `context` frames:
     frames (K, context, H, W, 3) uint8, actions (K, context). Refuses a device this torch cannot use (ValueError)."""
     dev = resolve_device(device)
@@ -232,7 +236,8 @@ def load_world_model(model: Path, *, steps: int | None, guidance: float | None, 
         # parent built an env) inherits torch's OpenMP thread pool without its threads, and its first parallel op
         # hangs forever. One thread never enters the pool (PyTorch's DataLoader workers do the same).
         torch.set_num_threads(1)
-    wm = WorldModel.load(model, device=dev, steps=steps, guidance=guidance, batch=batch, dtype=dtype, context_noise=context_noise, gate=gate)
+    wm = WorldModel.load(model, device=dev, steps=steps, guidance=guidance, batch=batch, dtype=dtype, context_noise=context_noise, gate=gate,
+                         requantize=requantize)
     frames, actions = load_start_frames(model / "start_frames.npz")
     T, Fc = frames.shape[1], wm.frames_per_chunk
     if frames.shape[2:] != wm.frame_shape:

@@ -42,8 +42,9 @@ def finite(x) -> bool:
 def test_two_models_on_heldout_data(teacher, acting_model, data, tmp_path):
     model = teacher / "model"
     p = run("-m", "train.evaluate", "--model", f"one={model}@1", "--model", f"two={acting_model}@2", "--data", str(data),
-            "--out", str(tmp_path), "--episodes", "2", "--context", "2", "--horizon", "10", "--videos", "1")
+            "--out", str(tmp_path), "--episodes", "2", "--context", "2", "--horizon", "10", "--videos", "1", "--requantize")
     m = strict_json(tmp_path / "metrics.json")
+    assert all(mm["requantize"] is True for mm in m["models"].values())
     assert list(m["models"]) == ["one", "two"] and m["episodes"] == 2 and m["horizon"] == 10
     assert m["horizons"] == [1, 8, 10] and m["source"]["kind"] == "heldout" and m["probe"] == "Breakout"
     assert [m["models"][n]["denoising_steps"] for n in ("one", "two")] == [1, 2]
@@ -461,3 +462,4 @@ def test_ablation_sampling_cell_names_the_change_gate():
     base = {"denoising_steps": 8, "solver": "euler", "guidance": 1.0, "context_noise": 0.0}
     assert sampling({**base, "change_gate": None}) == sampling(base) == "8 euler"  # a network without a gate
     assert sampling({**base, "change_gate": 0.5}) == "8 euler, gate 0.5" and sampling({**base, "change_gate": 0.0}) == "8 euler, gate off"
+    assert sampling({**base, "change_gate": 0.1, "requantize": True}) == "8 euler, gate 0.1, requantized" and sampling({**base, "requantize": False}) == "8 euler"

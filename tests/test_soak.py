@@ -126,13 +126,14 @@ def test_same_seed_same_run(model):
 
 def test_cli_table_and_json(model, tmp_path):
     out, png, sheet = tmp_path / "soak.json", tmp_path / "soak.png", tmp_path / "frames.png"
-    p = run("-m", "bench.soak", "--model", str(model), "--steps", "60", "--every", "20", "--out", str(out), "--plot", str(png), "--frames", str(sheet))
+    p = run("-m", "bench.soak", "--model", str(model), "--steps", "60", "--every", "20", "--out", str(out), "--plot", str(png), "--frames", str(sheet), "--requantize")
     assert "RSS MiB" in p.stdout and "layout" in p.stdout and "real (start frames)" in p.stdout and "== comparison" in p.stdout
     table = [line.split() for line in p.stdout.splitlines() if line.strip() and line.split()[0] in ("20", "40", "60")]
     assert [t[0] for t in table] == ["20", "40", "60"]
     report = json.loads(out.read_text())  # strict JSON (no NaN)
-    assert report["config"]["steps"] == 60 and report["torch"]
+    assert report["config"]["steps"] == 60 and report["torch"] and report["config"]["requantize"] is True
     res = report["models"]["model"]
+    assert res["config"]["requantize"] is True  # what the run used, from the runtime
     assert [r["step"] for r in res["rows"]] == [20, 40, 60]
     assert res["summary"]["cache_bytes_constant"] and res["summary"]["max_position_within_bound"]
     assert png.stat().st_size > 0
@@ -196,8 +197,9 @@ def test_rates_model_against_the_real_game(model, tmp_path, capsys):
     assert compare(rates(0.4), rates(1.0), 2.0)["episode_ends"]["within_factor"] is False
 
     out = tmp_path / "rates.json"
-    assert rates_main(["--model", str(model), "--worlds", "2", "--steps", "10", "--denoise-steps", "1", "--out", str(out)]) == 0
+    assert rates_main(["--model", str(model), "--worlds", "2", "--steps", "10", "--denoise-steps", "1", "--out", str(out), "--requantize"]) == 0
     report = json.loads(out.read_text())
+    assert report["config"]["requantize"] is True
     assert report["model"]["steps"] == report["real"]["steps"] == 20 and set(report["ratio"]) == {"reward_events", "reward_sum", "episode_ends"}
     assert "model/real episode ends" in capsys.readouterr().out
     for bad, says in ((["--worlds", "0"], "--worlds and --steps must be >= 1"), (["--factor", "0.5"], "--factor must be a number >= 1"),

@@ -228,7 +228,7 @@ def test_compile_gives_the_eager_loss_and_gradients_in_one_graph():
 def test_bad_lever_flags_are_refused():
     base = ["--data", "d", "--tokenizer", "t", "--out", "o"]
     for bad in (["--change-weight", "-1"], ["--change-weight", "nan"], ["--change-threshold", "0"], ["--level-mean", "inf"],
-                ["--max-minutes", "0"], ["--patch-size", "0"], ["--own-context", "1.5"], ["--own-context", "-0.1"], ["--sigma-data", "0"], ["--sigma-data", "nan"], ["--predict", "eps"], ["--time-scale", "0"], ["--time-scale", "inf"], ["--sigma-data", "0.1"], ["--out-hidden", "-1"],
+                ["--max-minutes", "0"], ["--patch-size", "0"], ["--own-context", "1.5"], ["--own-context", "-0.1"], ["--residue", "1.5"], ["--residue", "-0.1"], ["--sigma-data", "0"], ["--sigma-data", "nan"], ["--predict", "eps"], ["--time-scale", "0"], ["--time-scale", "inf"], ["--sigma-data", "0.1"], ["--out-hidden", "-1"],
                 ["--change-gate"], ["--change-gate", "--delta"], ["--gate-weight", "0"], ["--gate-weight", "nan"],
                 ["--gate-channels", "4"], ["--prev-frame", "--delta", "--predict", "x0", "--change-gate", "--gate-channels", "0"],
                 ["--prev-stack", "2"], ["--prev-frame", "--prev-stack", "0"]):  # --sigma-data 0.1 without --predict edm
@@ -241,7 +241,7 @@ def test_teacher_with_every_lever_trains_exports_and_plays(data, tokenizer, tmp_
     """prev frame + change target + change weight + level shift + 1x1 patches + own-prediction context + EDM output
     + pixel refiner + time scale + MLP output layer + change gate + two stacked previous frames."""
     out = tmp_path / "run"
-    levers = ("--prev-frame", "--delta", "--change-weight", "20", "--level-mean", "0.5", "--patch-size", "1", "--own-context", "0.5", "--predict", "edm", "--refine", "4", "--time-scale", "5", "--out-hidden", "24", "--change-gate", "--gate-weight", "2", "--prev-stack", "2", "--bf16")
+    levers = ("--prev-frame", "--delta", "--change-weight", "20", "--level-mean", "0.5", "--patch-size", "1", "--own-context", "0.5", "--residue", "0.5", "--predict", "edm", "--refine", "4", "--time-scale", "5", "--out-hidden", "24", "--change-gate", "--gate-weight", "2", "--prev-stack", "2", "--bf16")
     run("-m", "train.teacher", "--data", str(data), "--tokenizer", str(tokenizer), "--out", str(out), *TEACHER, *levers, "--steps", "3")
     cfg = json.loads((out / "model" / "dit" / "config.json").read_text())["config"]
     assert cfg["prev_frame"] and cfg["delta"] and cfg["patch_size"] == 1 and cfg["predict"] == "edm" and cfg["refine"] == 4 and cfg["pixel_patch"] > 0
@@ -256,7 +256,7 @@ def test_teacher_with_every_lever_trains_exports_and_plays(data, tokenizer, tmp_
     card = (out / "model" / "README.md").read_text()
     cmd = next(line.strip() for line in card.splitlines() if line.strip().startswith("python -m train.teacher"))
     again = parse_args(shlex.split(cmd)[3:])  # the card's command reproduces the run's arguments
-    assert again.prev_frame and again.delta and again.change_weight == 20 and again.patch_size == 1 and again.level_mean == 0.5 and again.own_context == 0.5
+    assert again.prev_frame and again.delta and again.change_weight == 20 and again.patch_size == 1 and again.level_mean == 0.5 and again.own_context == 0.5 and again.residue == 0.5
     assert again.predict == "edm" and again.sigma_data == cfg["sigma_data"] and again.refine == 4 and again.time_scale == 5 and again.out_hidden == 24
     assert again.change_gate and again.gate_weight == 2 and again.prev_stack == 2 and again.bf16
     # the card's EDM command (sigma_data given) starts a fresh run from the model with --init
@@ -536,3 +536,31 @@ def test_sampling_gate_threshold_is_checked_and_written_only_when_set():
     for bad in (1.0, -0.1, True, float("nan"), "0.5"):
         with pytest.raises(ValueError, match="gate"):
             SamplingConfig(gate=bad)
+
+
+def test_residue_leaves_a_faint_copy_where_the_ball_was_and_keeps_the_real_ball(monkeypatch):
+    """A 3x3 court, the ball at (0, 0), (1, 1), (2, 2) in frames 1-3: with every frame a source and alpha 0.25, frame
+    2 keeps a quarter of the ball at (0, 0) and frame 3 at (0, 0) and (1, 1); the real ball is untouched."""
+    import train.teacher as teacher
+
+    monkeypatch.setattr(teacher, "RESIDUE_SOURCE_PROB", 1.0)
+    monkeypatch.setattr(teacher, "RESIDUE_ALPHA", (0.25, 0.25))
+    x0 = torch.zeros(1, 4, 1, 3, 3)
+    for t, (r, c) in ((1, (0, 0)), (2, (1, 1)), (3, (2, 2))):
+        x0[0, t, 0, r, c] = 1.0
+    out, mask = teacher.residue_context(x0.clone(), x0, 1.0, 0.05, 1, torch.Generator().manual_seed(0))
+    want = x0.clone()
+    want[0, 2, 0, 0, 0] = 0.25
+    want[0, 3, 0, 0, 0] = 0.25
+    want[0, 3, 0, 1, 1] = 0.25
+    torch.testing.assert_close(out, want)
+    assert mask.sum() == 3 and mask[0, 2, 0, 0, 0] and mask[0, 3, 0, 0, 0] and mask[0, 3, 0, 1, 1]
+    same, none = teacher.residue_context(x0, x0, 0.0, 0.05, 1, torch.Generator().manual_seed(0))
+    assert same is x0 and none is None
+    # the loss weights a frame whose previous context frame holds residue as a change to make
+    v, target = torch.zeros_like(x0), torch.zeros_like(x0)
+    v[0, 3, 0, 0, 0] = 1.0  # an error only where frame 3 must erase the residue of frame 2
+    erase = previous_frames(mask.float(), 1) > 0
+    plain, _ = flow_loss(v, target, x0, 10.0, 0.05)
+    weighted, _ = flow_loss(v, target, x0, 10.0, 0.05, also=erase)
+    assert erase[0, 3, 0, 0, 0] and weighted > 2 * plain

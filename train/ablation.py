@@ -100,7 +100,8 @@ def table(rs: list[dict], first: dict) -> str:
 
 def sampling(m: dict) -> str:
     """A model's sampling settings in one cell: denoising steps and solver, plus guidance and context noise when set,
-    and the change gate's threshold for a network that has one."""
+    the change gate's threshold for a network that has one, and "requantized" when generated frames re-enter the
+    context as shown."""
     parts = [f"{m['denoising_steps']} {m['solver']}"]
     if m.get("guidance", 1.0) != 1.0:
         parts.append(f"guidance {m['guidance']:g}")
@@ -108,6 +109,8 @@ def sampling(m: dict) -> str:
         parts.append(f"context noise {m['context_noise']:g}")
     if m.get("change_gate") is not None:
         parts.append(f"gate {m['change_gate']:g}" if m["change_gate"] else "gate off")
+    if m.get("requantize"):
+        parts.append("requantized")
     return ", ".join(parts)
 
 

@@ -107,8 +107,8 @@ PARTIAL_LEVELS, PARTIAL_STEPS = (1.0, 0.4, 0.2), 8  # partial denoising: noise l
 @dataclass(frozen=True)
 class ModelSpec:
     """One --model: a world-model folder, its denoising steps (None: the model's own), a label, the
-    precision it runs in, its context-noise level, its action guidance scale and its change-gate threshold
-    (None: the model's own)."""
+    precision it runs in, its context-noise level, its action guidance scale, its change-gate threshold and
+    whether generated frames re-enter the context as shown (requantize) (None: the model's own)."""
 
     name: str
     path: Path
@@ -117,6 +117,7 @@ class ModelSpec:
     context_noise: float | None = None
     guidance: float | None = None
     gate: float | None = None
+    requantize: bool | None = None
 
 
 def parse_spec(text: str) -> ModelSpec:
@@ -160,7 +161,8 @@ def check_specs(specs: Sequence[ModelSpec]) -> dict:
 
 def load_model(spec: ModelSpec, batch: int) -> WorldModel:
     """The spec's world model for `batch` worlds, at its denoising steps; one frame per chunk only."""
-    wm = WorldModel.load(spec.path, steps=spec.steps, batch=batch, dtype=spec.dtype, context_noise=spec.context_noise, guidance=spec.guidance, gate=spec.gate)
+    wm = WorldModel.load(spec.path, steps=spec.steps, batch=batch, dtype=spec.dtype, context_noise=spec.context_noise, guidance=spec.guidance, gate=spec.gate,
+                         requantize=spec.requantize)
     if wm.frames_per_chunk != 1:
         raise ValueError(f"{spec.name}: evaluate drives one action per step and supports models with one frame per chunk; this one has {wm.frames_per_chunk}")
     return wm
@@ -347,7 +349,7 @@ def evaluate_model(spec: ModelSpec, ref: Reference, real_game: dict, seed: int) 
                     "paddle_response_random_actions": paddle_response(ref.probe(rand_gen)["paddle_x"], ref.start_paddle, ref.rand_actions, ref.directions)}
     m = {
         "path": str(spec.path), "denoising_steps": wm.steps, "guidance": wm.guidance, "solver": wm.sampling.solver, "context_noise": wm.sampling.context_noise,
-        "change_gate": wm.gate,
+        "change_gate": wm.gate, "requantize": wm.sampling.requantize,
         "nfe_per_step": wm.steps * (2 if wm.guidance != 1 else 1) + 1,
         "tokenizer_recon_psnr": psnr_of(mse(recon, flat.numpy())),
         "one_step_psnr": psnr_of(mse(tf_gen, ref.real)), "one_step_ssim": float(ssim(tf_gen, ref.real).mean()),
@@ -441,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=None, metavar="SCALE", help="action guidance scale of every model (1: none; default: the model's)")
     p.add_argument("--gate", type=float, default=None, metavar="P", help="change-gate threshold of every model trained with one (train.teacher "
                    "--change-gate): a latent cell whose probability of changing is below P is the previous frame's; 0: off (default: the model's, 0.5)")
+    p.add_argument("--requantize", action=argparse.BooleanOptionalAction, default=None, help="in every model, each generated chunk enters the context as the frames shown, encoded again like real ones "
+                   "(--no-requantize: the generated latents themselves; default: the model's)")
     p.add_argument("--videos", type=int, default=2, help="side-by-side videos per model")
     p.add_argument("--seed", type=cli.seed, default=0, help="seeds the clips of --data, the controllability actions and the models' noise")
     args = p.parse_args(argv)
@@ -460,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--policy goes with --record-seeds (a dataset was played by its own policy)")
     try:
         specs = [parse_spec(s) for s in args.model]
-        specs = [ModelSpec(s.name, s.path, s.steps if s.steps is not None else args.steps, s.dtype, args.context_noise, args.guidance, args.gate) for s in specs]
+        specs = [ModelSpec(s.name, s.path, s.steps if s.steps is not None else args.steps, s.dtype, args.context_noise, args.guidance, args.gate, args.requantize) for s in specs]
         info = check_specs(specs)
         length = args.context + args.horizon
         if args.data is not None:

@@ -58,6 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--action-drop", type=float, default=0.1, help="probability of dropping a noisy frame's action (for guidance)")
     p.add_argument("--ctx-noise", type=float, default=0.1, help="max noise level on the clean context")
     p.add_argument("--own-context", type=float, default=0.0, help="share of windows whose clean context, after the first chunk, is the network's own one-step predictions of those frames instead of the real ones (error recycling: it learns to continue from its own imperfect frames toward the real next frame; the targets stay real)")
+    p.add_argument("--residue", type=float, default=0.0, metavar="SHARE",
+                   help="share of windows whose clean context carries a faint residue of moving content: each later frame keeps "
+                        "RESIDUE_ALPHA of what moved into some earlier frame (as a gated model leaves where the ball was, then keeps); "
+                        "the targets stay real, so the network learns to erase such residue (and its gate to open there)")
     p.add_argument("--bf16", action="store_true", help="run the network in bfloat16 under torch.autocast (weights, optimizer and losses stay float32): about 2x the steps per second on a CPU with AVX512-BF16, as on GPUs")
     p.add_argument("--compile", action="store_true", help="compile the training forward with torch.compile (inductor): about 1.3x the steps per second on this CPU on top of --bf16, after a compile of a few minutes at the first step; the weights and checkpoints are the same as without")
     p.add_argument("--head-weight", type=float, default=0.1, help="weight of the reward/end head losses")
@@ -95,6 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--action-drop and --ctx-noise must lie in [0, 1)")
     if not 0 <= args.own_context <= 1:
         p.error("--own-context must lie in [0, 1]")
+    if not 0 <= args.residue <= 1:
+        p.error("--residue must lie in [0, 1]")
     if args.sigma_data is not None and not (math.isfinite(args.sigma_data) and args.sigma_data > 0):
         p.error("--sigma-data must be a positive finite number")
     if args.sigma_data is not None and args.predict != "edm":
@@ -136,15 +142,19 @@ def changed(x0: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.cat([torch.zeros_like(moved[:, :1]), moved], dim=1)
 
 
-def flow_loss(v: torch.Tensor, target: torch.Tensor, x0: torch.Tensor, change_weight: float, threshold: float) -> tuple[torch.Tensor, dict[str, float]]:
+def flow_loss(v: torch.Tensor, target: torch.Tensor, x0: torch.Tensor, change_weight: float, threshold: float,
+              also: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Flow-matching MSE, weighted 1 + change_weight on the elements that change between frames (normalised
     by the total weight). Plain MSE leaves the small moving objects a tiny share of the gradient; the weight
-    buys it back. Also returns the plain MSE and the weight's share on changed elements (for the logs)."""
+    buys it back. `also` (B, T, C, h, w) bool: more elements to weight so, e.g. those whose previous frame in the
+    context carries a residue to erase. Also returns the plain MSE and the weight's share on changed elements
+    (for the logs)."""
     se = (v.float() - target).pow(2)
     plain = se.mean()
     if change_weight == 0:
         return plain, {"loss/flow": plain.item()}
-    moved = changed(x0, threshold).float()
+    moved = changed(x0, threshold)
+    moved = (moved if also is None else moved | also).float()
     w = 1 + change_weight * moved
     weighted = (w * se).sum() / w.sum()
     share = (w * moved).sum() / w.sum()
@@ -178,6 +188,46 @@ def own_context(model: torch.nn.Module, x0: torch.Tensor, a: torch.Tensor, share
     return torch.where(pick.view(B, 1, 1, 1, 1), own, x0)
 
 
+# --residue: each frame of a picked window is a residue source with this probability; a residue keeps a share drawn
+# uniformly from RESIDUE_ALPHA of the source frame's value. The long-play trails of the per-pixel-gate student are
+# values 20-70 of 255 where the ball (red 200) was: 0.1-0.35 of it.
+RESIDUE_SOURCE_PROB = 0.3
+RESIDUE_ALPHA = (0.1, 0.4)
+
+
+def residue_context(context: torch.Tensor, x0: torch.Tensor, share: float, threshold: float, frames_per_chunk: int,
+                    g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Residue of moving content in the clean stream `context` (B, T, C, h, w) of the real window x0: on a random
+    `share` of windows, each frame j after the first chunk is a source with probability RESIDUE_SOURCE_PROB, and
+    at the elements that changed into frame j (by more than `threshold`) every later frame t whose element is back
+    to its value before j (frame j - 1's) takes alpha x0_j + (1 - alpha) of its own: a faint copy of the ball where
+    it was, while the real ball, wherever it is now, stays as it is. alpha is drawn per source from RESIDUE_ALPHA.
+    A gated model at play leaves such a copy where the ball was and, having never seen one erased, keeps it for
+    good. Returns the context and the mask (B, T, C, h, w) bool of the elements given residue (None when none
+    were), for the loss weights."""
+    if share == 0:
+        return context, None
+    B, T = x0.shape[:2]
+    moved = changed(x0, threshold)  # (B, T, C, h, w); False in frame 0
+    pick = torch.rand(B, generator=g) < share
+    source = (torch.rand(B, T, generator=g) < RESIDUE_SOURCE_PROB) & pick[:, None]
+    source[:, :max(frames_per_chunk, 1)] = False
+    source[:, -1] = False  # no later frame to carry it
+    if not bool(source.any()):
+        return context, None
+    lo, hi = RESIDUE_ALPHA
+    alpha = lo + (hi - lo) * torch.rand(B, T, generator=g)
+    out = context.clone()
+    mask = torch.zeros_like(moved)
+    for b, j in source.nonzero().tolist():
+        back = (x0[b, j + 1:] - x0[b, j - 1][None]).abs() <= threshold  # (T - j - 1, C, h, w)
+        m = moved[b, j][None] & back
+        a = float(alpha[b, j])
+        out[b, j + 1:] = torch.where(m, a * x0[b, j][None] + (1 - a) * out[b, j + 1:], out[b, j + 1:])
+        mask[b, j + 1:] |= m
+    return out, mask
+
+
 def randn_on(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Standard normal noise shaped like x, drawn by g on g's device and moved to x's. On a GPU the frame-sized
     draws come from a generator on the GPU: a CPU drawing 2 x 7M numbers per step at batch 64 would cap the
@@ -205,11 +255,14 @@ def teacher_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], args: a
     # --bf16: the network's matrix products in bfloat16 (weights, optimizer, velocity maths and losses stay float32)
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=getattr(args, "bf16", False)):
         context = own_context(model, x0, a, args.own_context, g, args.level_mean, g_dev)
+        context, residue = residue_context(context, x0, getattr(args, "residue", 0.0), args.change_threshold, Fc, g)
         clean = add_noise(context, eps_ctx, s_ctx)
         drop = (torch.rand(B, n, generator=g) < args.action_drop).repeat_interleave(Fc, dim=1).to(dev)
         noisy_a = torch.where(drop, torch.full_like(a, num_actions), a)
         v, heads = model(clean, noisy, s_ctx, s, a, noisy_a)
-    flow, flow_parts = flow_loss(v, velocity(x0, eps), x0, args.change_weight, args.change_threshold)
+    # a frame whose previous frame in the context carries residue has it to erase: weighted as a change
+    erase = None if residue is None else previous_frames(residue.float(), Fc) > 0
+    flow, flow_parts = flow_loss(v, velocity(x0, eps), x0, args.change_weight, args.change_threshold, also=erase)
     l_heads, head_parts = head_loss(heads, batch["rewards"], batch["terminated"])
     loss = flow + args.head_weight * l_heads
     if heads.change_logit is not None:
@@ -417,7 +470,8 @@ def card(args: argparse.Namespace, meta: dict, n_params: int, step: int, wall: f
         f"Hardware: {hardware(d)} x {d.world_size} process(es); wall time {wall / 60:.1f} min (latent encoding and training, all resumed parts{'; not counting the training of the network it was initialised from' if getattr(args, 'init', None) else ''})",
         f"Network: predicts {args.predict}{f' (sigma_data {args.sigma_data})' if getattr(args, 'sigma_data', None) else ''}; previous frame concatenated {('yes' + (f', {args.prev_stack} frames stacked' if getattr(args, 'prev_stack', 1) > 1 else '')) if args.prev_frame else 'no'}, change-from-previous parameterisation {'yes' if args.delta else 'no'}; "
         f"flow loss change weight {args.change_weight} (threshold {args.change_threshold}); logit-normal level mean {args.level_mean}; "
-        f"own-prediction context (error recycling) on {getattr(args, 'own_context', 0.0):.0%} of windows",
+        f"own-prediction context (error recycling) on {getattr(args, 'own_context', 0.0):.0%} of windows; "
+        f"residue of moving content in the context on {getattr(args, 'residue', 0.0):.0%} of windows",
         f"Output layer: {f'MLP of {args.out_hidden} hidden units' if getattr(args, 'out_hidden', 0) else 'linear'}; "
         f"pixel refiner: {f'{args.refine} hidden channels' if getattr(args, 'refine', 0) else 'none'}; "
         f"change gate: {gate_card(args)}" + (f"; initialised from {args.init}" if getattr(args, "init", None) else ""),

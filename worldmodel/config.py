@@ -230,6 +230,11 @@ class SamplingConfig:
     # the change gate's threshold (models trained with DiTConfig.change_gate): a latent cell whose probability of
     # changing is below it is the previous frame's; 0 switches the gate off. Models without a gate ignore it.
     gate: float = 0.5
+    # each generated chunk enters the context as the uint8 frames it decodes to, encoded again, as real frames do:
+    # the model then conditions on exactly what the player sees. False commits the generated latents themselves,
+    # whose sub-quantum, out-of-range values no real frame has (with the shipped student they freeze the picture
+    # within a thousand steps; docs/ablation.md, "Long play: the context as the player sees it").
+    requantize: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not (isinstance(self.steps, (int, float)) and math.isfinite(self.steps) and int(self.steps) == self.steps and self.steps >= 1):
@@ -246,15 +251,19 @@ class SamplingConfig:
         if isinstance(self.gate, bool) or not (isinstance(self.gate, numbers.Real) and 0 <= self.gate < 1):
             raise ValueError(f"the change gate's threshold must be a probability in [0, 1) (0: off), got {self.gate!r}")
         self.gate = float(self.gate)
+        if not isinstance(self.requantize, bool):
+            raise ValueError(f"requantize must be true or false, got {self.requantize!r}")
 
     def to_json(self) -> dict[str, Any]:
-        """The settings as written to a model's config.json; context_noise and gate only when not their
-        defaults, so that model folders without them read the same in code that predates the fields."""
+        """The settings as written to a model's config.json; context_noise, gate and requantize only when not
+        their defaults, so that model folders without them read the same in code that predates the fields."""
         d = to_dict(self)
         if not d["context_noise"]:
             del d["context_noise"]
         if d["gate"] == 0.5:
             del d["gate"]
+        if not d["requantize"]:
+            del d["requantize"]
         return d
 
 

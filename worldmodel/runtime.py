@@ -67,7 +67,7 @@ class WorldModel:
     """Holds the DiT, the tokenizer and a KV cache for `batch` worlds."""
 
     def __init__(self, dit: CausalDiT, tokenizer: FrameTokenizer, info: dict[str, Any], *, steps: int | None = None, guidance: float | None = None, batch: int = 1,
-                 context_noise: float | None = None, gate: float | None = None) -> None:
+                 context_noise: float | None = None, gate: float | None = None, requantize: bool | None = None) -> None:
         if tuple(tokenizer.cfg.latent_size) != tuple(dit.cfg.latent_size) or tokenizer.cfg.channels != dit.cfg.in_channels:
             raise ValueError(f"tokenizer latents {tokenizer.cfg.channels}x{tokenizer.cfg.latent_size} do not match the DiT's {dit.cfg.in_channels}x{dit.cfg.latent_size}")
         self.dit, self.tokenizer, self.info = dit, tokenizer, info
@@ -75,7 +75,7 @@ class WorldModel:
             sampling = from_dict(SamplingConfig, info["sampling"])
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"the world model's sampling settings (config.json 'sampling') are missing or invalid: {e!r}") from None
-        overrides = {k: v for k, v in (("steps", steps), ("guidance", guidance), ("context_noise", context_noise), ("gate", gate)) if v is not None}
+        overrides = {k: v for k, v in (("steps", steps), ("guidance", guidance), ("context_noise", context_noise), ("gate", gate), ("requantize", requantize)) if v is not None}
         self.sampling = dataclasses.replace(sampling, **overrides)  # validates the overrides too
         dit.gate_threshold = self.sampling.gate  # the change gate, for networks that have one
         self.steps, self.guidance = self.sampling.steps, self.sampling.guidance
@@ -95,10 +95,11 @@ class WorldModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu", steps: int | None = None, guidance: float | None = None, batch: int = 1, dtype: str | torch.dtype | None = None,
-             context_noise: float | None = None, gate: float | None = None) -> "WorldModel":
+             context_noise: float | None = None, gate: float | None = None, requantize: bool | None = None) -> "WorldModel":
         """Load a world-model folder for inference. `dtype` ("float32", the default, or "bfloat16" / "float16")
         is the precision of the DiT, its KV cache and the tokenizer's VAE; noise levels, rotary phases, solver
-        updates and heads stay float32. `steps`, `guidance`, `context_noise`, `gate` override the model's sampling settings."""
+        updates and heads stay float32. `steps`, `guidance`, `context_noise`, `gate`, `requantize` override the model's
+        sampling settings (SamplingConfig)."""
         dt = resolve_dtype(dtype)
         path = Path(path)
         info = read_config(path)
@@ -111,7 +112,7 @@ class WorldModel:
         meanings = info.get("action_meanings")
         if not isinstance(meanings, list) or len(meanings) != dit.cfg.num_actions:
             raise CheckpointError(f"{str(path)!r}: config.json names {meanings!r} as actions but the DiT has {dit.cfg.num_actions}")
-        return cls(dit, tok, info, steps=steps, guidance=guidance, batch=batch, context_noise=context_noise, gate=gate)
+        return cls(dit, tok, info, steps=steps, guidance=guidance, batch=batch, context_noise=context_noise, gate=gate, requantize=requantize)
 
     # ----- properties -----
     @property
@@ -245,12 +246,23 @@ class WorldModel:
         """One action per world -> the next chunk of every world, uint8 (B, F, H, W, 3)."""
         with self._phase("denoise"):
             x0, a = self._denoise(actions)
-        with self._phase("recache"):
-            _, self.heads = recache(self.dit, self.cache, x0, a, level=self.sampling.context_noise, generator=self.generators)
-            h = self.heads
-            self._check_finite(generated_chunk=x0, reward_and_end_heads=torch.cat([h.reward_logit, h.reward_value, h.end_logit], 1))
+        if not self.sampling.requantize:
+            with self._phase("recache"):
+                _, self.heads = recache(self.dit, self.cache, x0, a, level=self.sampling.context_noise, generator=self.generators)
+                h = self.heads
+                self._check_finite(generated_chunk=x0, reward_and_end_heads=torch.cat([h.reward_logit, h.reward_value, h.end_logit], 1))
+            with self._phase("decode"):
+                return self._decode(x0)
+        # the context is the frames as shown: decode, then encode them again as real frames are (observe())
+        self._check_finite(generated_chunk=x0)  # before the decode, which would turn NaN into some colour
         with self._phase("decode"):
-            return self._decode(x0)
+            shown = self.tokenizer.decode(x0.flatten(0, 1).float())  # (B*F, H, W, 3) uint8
+        with self._phase("recache"):
+            lat = self.tokenizer.encode(shown).reshape(x0.shape).to(self.dtype)
+            _, self.heads = recache(self.dit, self.cache, lat, a, level=self.sampling.context_noise, generator=self.generators)
+            h = self.heads
+            self._check_finite(reward_and_end_heads=torch.cat([h.reward_logit, h.reward_value, h.end_logit], 1))
+        return shown.reshape(self.batch, self.frames_per_chunk, *self.frame_shape).cpu().numpy()
 
     @torch.no_grad()
     def predict_batch(self, actions: np.ndarray | Sequence[int]) -> np.ndarray:
